@@ -43,9 +43,6 @@ int conf_load(const char *path, struct conf *c, FILE *err);
 /* Frees what c holds; c may be zeroed. */
 void conf_free(struct conf *c);
 
-/* Writes an example configuration documenting every setting of the table. */
-void conf_print_example(FILE *out);
-
 /* The names of every setting in the table, NULL-terminated (for tests and docs). */
 const char *const *conf_setting_names(void);
 

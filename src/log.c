@@ -71,6 +71,12 @@ void log_rdkafka(const struct rd_kafka_s *rk, int level, const char *fac, const 
 	log_msg(level, "kafka: %s: %s: %s", rk ? rd_kafka_name(rk) : "-", fac, buf);
 }
 
+void log_rdkafka_quiet(const struct rd_kafka_s *rk, int level, const char *fac, const char *buf)
+{
+	if (strcmp(fac, "CONFWARN") != 0)
+		log_rdkafka(rk, level, fac, buf);
+}
+
 void log_init(const char *progname)
 {
 	log_progname = progname;
@@ -82,8 +88,8 @@ void log_init(const char *progname)
 void log_set_level(int level)
 {
 	atomic_store(&log_level, level);
-	gpr_set_log_verbosity(level >= LOG_DEBUG ? GPR_LOG_SEVERITY_DEBUG
-			      : level >= LOG_INFO ? GPR_LOG_SEVERITY_INFO : GPR_LOG_SEVERITY_ERROR);
+	/* gRPC's own debug output is about its internals: at most its info lines. */
+	gpr_set_log_verbosity(level >= LOG_DEBUG ? GPR_LOG_SEVERITY_INFO : GPR_LOG_SEVERITY_ERROR);
 }
 
 int log_get_level(void)

@@ -26,5 +26,7 @@ void log_msg(int prio, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 
 /* librdkafka log_cb: set it with rd_kafka_conf_set_log_cb(). */
 void log_rdkafka(const struct rd_kafka_s *rk, int level, const char *fac, const char *buf);
+/* The same, without librdkafka's configuration warnings (facility CONFWARN). */
+void log_rdkafka_quiet(const struct rd_kafka_s *rk, int level, const char *fac, const char *buf);
 
 #endif

@@ -1,0 +1,173 @@
+/* producer: one idempotent librdkafka producer for the whole daemon.
+ *
+ * Threads and locks: no locks of our own. librdkafka is thread-safe; producer_send runs on
+ * completion-queue threads, the poll thread serves delivery reports (and so does a
+ * producer_send waiting out a full queue), and the main thread inits, flushes and destroys. */
+#include "config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "producer.h"
+#include "util.h"
+
+static rd_kafka_t *rk;
+static pthread_t poll_thread;
+static atomic_bool poll_stop;
+static producer_delivery_fn *deliver;
+static int delivery_timeout_ms;
+
+static void dr_msg_cb(rd_kafka_t *k, const rd_kafka_message_t *msg, void *opaque)
+{
+	deliver(msg);
+}
+
+static void error_cb(rd_kafka_t *k, int err, const char *reason, void *opaque)
+{
+	/* Transport errors are retried by librdkafka; the records' fate comes in their
+	 * delivery reports. Fatal errors end the idempotent producer's guarantees. */
+	if (err == RD_KAFKA_RESP_ERR__FATAL) {
+		char buf[512];
+		rd_kafka_resp_err_t orig = rd_kafka_fatal_error(k, buf, sizeof(buf));
+		log_error("kafka producer: fatal error %s: %s", rd_kafka_err2name(orig), buf);
+	} else {
+		log_warn("kafka producer: %s: %s", rd_kafka_err2name(err), reason);
+	}
+}
+
+static void *poll_main(void *arg)
+{
+	while (!atomic_load(&poll_stop))
+		rd_kafka_poll(rk, 100);
+	return NULL;
+}
+
+static int set(rd_kafka_conf_t *kc, const char *name, const char *value, char *errmsg, size_t errsize)
+{
+	if (rd_kafka_conf_set(kc, name, value, errmsg, errsize) != RD_KAFKA_CONF_OK)
+		return -1;
+	return 0;
+}
+
+int producer_init(const struct conf *c, const char *brokers, producer_delivery_fn *on_delivery,
+		  char *errmsg, size_t errsize)
+{
+	rd_kafka_conf_t *kc = rd_kafka_conf_new();
+	char num[32];
+	int rc = 0;
+
+	deliver = on_delivery;
+	delivery_timeout_ms = c->publish_delivery_timeout_ms;
+	snprintf(num, sizeof(num), "%d", c->publish_delivery_timeout_ms);
+	rc |= set(kc, "bootstrap.servers", brokers, errmsg, errsize);
+	rc |= set(kc, "client.id", "kbridged", errmsg, errsize);
+	rc |= set(kc, "acks", "all", errmsg, errsize);
+	rc |= set(kc, "enable.idempotence", "true", errmsg, errsize);
+	rc |= set(kc, "delivery.timeout.ms", num, errmsg, errsize);
+	/* Room for the largest record we accept plus its framing. */
+	if (c->publish_max_record_bytes + 1024 > 1000000) {
+		snprintf(num, sizeof(num), "%d", c->publish_max_record_bytes + 1024);
+		rc |= set(kc, "message.max.bytes", num, errmsg, errsize);
+	}
+	for (size_t i = 0; i < c->n_kafka_props && rc == 0; i++)
+		rc |= set(kc, c->kafka_props[i].name, c->kafka_props[i].value, errmsg, errsize);
+	if (rc) {
+		rd_kafka_conf_destroy(kc);
+		return -1;
+	}
+	rd_kafka_conf_set_dr_msg_cb(kc, dr_msg_cb);
+	rd_kafka_conf_set_error_cb(kc, error_cb);
+	rd_kafka_conf_set_log_cb(kc, log_rdkafka);
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errmsg, errsize);
+	if (!rk) {
+		rd_kafka_conf_destroy(kc); /* rd_kafka_new takes it only on success */
+		return -1;
+	}
+	atomic_store(&poll_stop, false);
+	if (pthread_create(&poll_thread, NULL, poll_main, NULL) != 0) {
+		snprintf(errmsg, errsize, "cannot start the producer's poll thread");
+		rd_kafka_destroy(rk);
+		rk = NULL;
+		return -1;
+	}
+	return 0;
+}
+
+int producer_wait_ready(int timeout_ms)
+{
+	const struct rd_kafka_metadata *md;
+
+	if (rd_kafka_metadata(rk, 0, NULL, &md, timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return -1;
+	int brokers = md->broker_cnt;
+	rd_kafka_metadata_destroy(md);
+	return brokers > 0 ? 0 : -1;
+}
+
+rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
+{
+	rd_kafka_headers_t *hdrs = NULL;
+	rd_kafka_resp_err_t err;
+	int64_t give_up = 0;
+
+	if (r->n_headers) {
+		hdrs = rd_kafka_headers_new(r->n_headers);
+		for (size_t i = 0; i < r->n_headers; i++)
+			rd_kafka_header_add(hdrs, r->headers[i]->key, -1, r->headers[i]->value.data,
+					    r->headers[i]->value.len);
+	}
+	for (;;) {
+		/* No RD_KAFKA_MSG_F_COPY: the caller keeps key and value alive until the
+		 * delivery report, which saves a copy of every record. */
+		err = rd_kafka_producev(
+			rk, RD_KAFKA_V_TOPIC(r->topic),
+			RD_KAFKA_V_PARTITION(r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION
+						     ? r->partition
+						     : RD_KAFKA_PARTITION_UA),
+			RD_KAFKA_V_KEY(r->key.len ? r->key.data : NULL, r->key.len),
+			RD_KAFKA_V_VALUE(r->value.len ? r->value.data : NULL, r->value.len),
+			RD_KAFKA_V_TIMESTAMP(r->timestamp_ms),
+			RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;
+		/* The queue is full: serve delivery reports until there is room (as kcat
+		 * does), never dropping the record and never failing it for load alone. */
+		if (!give_up)
+			give_up = now_ms() + delivery_timeout_ms;
+		else if (now_ms() > give_up)
+			break;
+		rd_kafka_poll(rk, 10);
+	}
+	if (err && hdrs)
+		rd_kafka_headers_destroy(hdrs); /* on success the message owns them */
+	return err;
+}
+
+int producer_flush(int timeout_ms)
+{
+	rd_kafka_flush(rk, timeout_ms);
+	return rd_kafka_outq_len(rk);
+}
+
+void producer_purge(void)
+{
+	rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+	/* Purged records get their (failed) delivery reports on the next polls. */
+	rd_kafka_flush(rk, 1000);
+}
+
+void producer_shutdown(void)
+{
+	if (!rk)
+		return;
+	atomic_store(&poll_stop, true);
+	pthread_join(poll_thread, NULL);
+	rd_kafka_destroy(rk);
+	rk = NULL;
+}

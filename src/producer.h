@@ -1,0 +1,37 @@
+/* producer: the daemon's one librdkafka producer (acks=all, idempotent).
+ *
+ * Threads and locks: producer_init/wait_ready/flush/shutdown from the main thread;
+ * producer_send from completion-queue threads; a poll thread serves delivery reports and
+ * calls the on_delivery callback given to producer_init, the one place where a record
+ * becomes acknowledged or failed. */
+#ifndef KB_PRODUCER_H
+#define KB_PRODUCER_H
+
+#include <librdkafka/rdkafka.h>
+
+#include "codec.h"
+#include "conf.h"
+
+/* Called on the poll thread for every delivery report; msg->_private is the opaque given to
+ * producer_send. */
+typedef void producer_delivery_fn(const rd_kafka_message_t *msg);
+
+/* Creates the producer for brokers (a bootstrap list). Returns 0, or -1 with errmsg. */
+int producer_init(const struct conf *c, const char *brokers, producer_delivery_fn *on_delivery,
+		  char *errmsg, size_t errsize);
+/* Waits up to timeout_ms for the cluster to answer a metadata request: 0 when it did. */
+int producer_wait_ready(int timeout_ms);
+/* Hands one record to librdkafka without copying key and value: they must stay valid until
+ * the delivery report. A full queue is waited out (serving delivery reports) up to the
+ * delivery timeout. Returns the librdkafka error; on error no delivery report will come. */
+rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque);
+/* Waits up to timeout_ms for every queued record's delivery report; returns how many are
+ * still outstanding. */
+int producer_flush(int timeout_ms);
+/* Fails every record still queued or in flight (their delivery reports say so) and serves
+ * those reports. Used when the drain time is up. */
+void producer_purge(void);
+/* Stops the poll thread and destroys the producer. */
+void producer_shutdown(void);
+
+#endif

@@ -1,0 +1,566 @@
+/* publish: the Publish RPC. Each call is a struct pub_call with an explicit state; every
+ * completion (a batch on a completion-queue thread, a delivery report on the producer's
+ * poll thread) takes the call's lock, updates it, and may start the next batch.
+ *
+ * Threads and locks:
+ *   - registry_lock guards the list of live calls (drain walks it); taken before a call's lock.
+ *   - pc->lock guards everything in a pub_call and its requests.
+ *   - Records are handed to librdkafka without holding pc->lock: producer_send may serve
+ *     delivery reports itself when the queue is full, and those take pc->lock.
+ *   - Only one RECV_MESSAGE is outstanding per call, so only one thread at a time runs
+ *     request processing for a call.
+ *
+ * Ownership: a received request's decoded message (Kbridge__V1__PublishRequest) holds the
+ * record bytes librdkafka reads; it lives in a pub_req until every record of it has its
+ * delivery report. Each record's librdkafka opaque is &req->slot[i], which gives both the
+ * request and the record index back in the report. */
+#include "config.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "producer.h"
+#include "publish.h"
+#include "status.h"
+#include "util.h"
+
+enum pub_state {
+	PUB_READING,     /* taking requests (a RECV_MESSAGE outstanding) */
+	PUB_PAUSED,      /* max_inflight_records reached: not reading until reports come back */
+	PUB_HALF_CLOSED, /* the client sent everything; waiting for the last reports */
+	PUB_FAILING,     /* a record failed, or draining: no more reading; waiting for reports */
+	PUB_FINISHING,   /* the response/status batch is on its way */
+	PUB_DONE,        /* the call is over for the client; reports may still come in */
+};
+
+static const char *const state_names[] = {
+	"reading", "paused", "half-closed", "failing", "finishing", "done",
+};
+
+struct pub_range {
+	char *topic;
+	int32_t partition;
+	int64_t first, last;
+	uint64_t count;
+};
+
+struct pub_call;
+
+struct pub_req {
+	struct pub_call *pc;
+	Kbridge__V1__PublishRequest *msg; /* freed once every record is reported */
+	uint64_t index;
+	size_t pending; /* records handed over whose reports are not in */
+	bool failed, done;
+	struct pub_req *next;
+	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
+};
+
+struct pub_call {
+	struct tag t_recv, t_close, t_final;
+	grpc_call *call;
+	grpc_metadata_array md;
+	grpc_byte_buffer *recv_bb;
+	int cancelled;
+
+	pthread_mutex_t lock;
+	enum pub_state state;
+	bool recv_busy, closed, final_sent;
+	int refs;               /* batches outstanding + requests not yet retired */
+	uint64_t next_index;    /* index of the next request received */
+	uint64_t durable;       /* leading requests fully durable */
+	bool prefix_broken;     /* a request failed: `durable` stops there */
+	struct pub_req *oldest, *newest;
+	size_t inflight;        /* records handed to Kafka whose reports are not in */
+	uint64_t records_ok;
+	struct pub_range *ranges;
+	size_t n_ranges;
+	grpc_status_code code;  /* the first failure, or OK */
+	char *error;
+
+	/* what the final batch points into */
+	grpc_byte_buffer *send_bb;
+	grpc_metadata trailer;
+	char durable_text[24];
+	grpc_slice details;
+
+	struct pub_call *prev, *next; /* registry */
+};
+
+static const struct conf *conf;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct pub_call *registry;
+static atomic_size_t n_active;
+
+static void recv_done(struct tag *t, bool ok);
+static void close_done(struct tag *t, bool ok);
+static void final_done(struct tag *t, bool ok);
+
+void publish_init(const struct conf *c)
+{
+	conf = c;
+}
+
+size_t publish_active(void)
+{
+	return atomic_load(&n_active);
+}
+
+static void set_state(struct pub_call *pc, enum pub_state s)
+{
+	if (log_enabled(LOG_DEBUG) && pc->state != s)
+		log_debug("publish %p: %s -> %s", (void *)pc, state_names[pc->state], state_names[s]);
+	pc->state = s;
+}
+
+/* Records the first failure; later ones are only logged at debug level. */
+static void fail(struct pub_call *pc, grpc_status_code code, char *msg)
+{
+	if (pc->code == GRPC_STATUS_OK) {
+		pc->code = code;
+		pc->error = msg;
+	} else {
+		log_debug("publish %p: also failed: %s", (void *)pc, msg);
+		free(msg);
+	}
+	if (pc->state == PUB_READING || pc->state == PUB_PAUSED || pc->state == PUB_HALF_CLOSED)
+		set_state(pc, PUB_FAILING);
+}
+
+static void start_batch(struct pub_call *pc, const grpc_op *ops, size_t n, struct tag *tag)
+{
+	grpc_call_error e = grpc_call_start_batch(pc->call, ops, n, tag, NULL);
+	if (e != GRPC_CALL_OK) {
+		/* A bug in our state machine, not a client's doing. */
+		log_error("publish %p: grpc_call_start_batch failed (%d) in state %s", (void *)pc, e,
+			  state_names[pc->state]);
+		abort();
+	}
+	pc->refs++;
+}
+
+static void start_recv(struct pub_call *pc)
+{
+	grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+	op.data.recv_message.recv_message = &pc->recv_bb;
+	pc->recv_busy = true;
+	start_batch(pc, &op, 1, &pc->t_recv);
+}
+
+static void send_final(struct pub_call *pc)
+{
+	grpc_op ops[3];
+	size_t n = 0;
+
+	memset(ops, 0, sizeof(ops));
+	ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+	if (pc->code == GRPC_STATUS_OK) {
+		Kbridge__V1__PublishResponse resp = KBRIDGE__V1__PUBLISH_RESPONSE__INIT;
+		Kbridge__V1__PartitionRange *r = xcalloc(pc->n_ranges, sizeof(*r));
+		Kbridge__V1__PartitionRange **rp = xcalloc(pc->n_ranges, sizeof(*rp));
+		for (size_t i = 0; i < pc->n_ranges; i++) {
+			kbridge__v1__partition_range__init(&r[i]);
+			r[i].topic = pc->ranges[i].topic;
+			r[i].partition = pc->ranges[i].partition;
+			r[i].first_offset = pc->ranges[i].first;
+			r[i].last_offset = pc->ranges[i].last;
+			r[i].count = pc->ranges[i].count;
+			rp[i] = &r[i];
+		}
+		resp.records = pc->records_ok;
+		resp.n_ranges = pc->n_ranges;
+		resp.ranges = rp;
+		pc->send_bb = codec_encode(&resp.base);
+		free(rp);
+		free(r);
+		ops[n].op = GRPC_OP_SEND_MESSAGE;
+		ops[n++].data.send_message.send_message = pc->send_bb;
+	}
+	snprintf(pc->durable_text, sizeof(pc->durable_text), "%" PRIu64, pc->durable);
+	pc->trailer.key = grpc_slice_from_static_string("kbridge-durable-requests");
+	pc->trailer.value = grpc_slice_from_static_string(pc->durable_text);
+	pc->details = grpc_slice_from_copied_string(pc->error ? pc->error : "");
+	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+	ops[n].data.send_status_from_server.status = pc->code;
+	ops[n].data.send_status_from_server.status_details = &pc->details;
+	ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+	ops[n++].data.send_status_from_server.trailing_metadata = &pc->trailer;
+	pc->final_sent = true;
+	set_state(pc, PUB_FINISHING);
+	if (pc->code != GRPC_STATUS_OK)
+		log_info("publish %p ends with %s: %s (%" PRIu64 " leading requests durable)",
+			 (void *)pc, status_name(pc->code), pc->error, pc->durable);
+	start_batch(pc, ops, n, &pc->t_final);
+}
+
+/* Sends the response or status once nothing is in flight. Under pc->lock. */
+static void maybe_finish(struct pub_call *pc)
+{
+	if (pc->closed || pc->final_sent || pc->inflight)
+		return;
+	if (pc->state == PUB_HALF_CLOSED || pc->state == PUB_FAILING)
+		send_final(pc);
+}
+
+static void req_free(struct pub_req *req)
+{
+	if (req->msg)
+		protobuf_c_message_free_unpacked(&req->msg->base, NULL);
+	free(req);
+}
+
+/* Every record of req has been reported: retire what leads the list. Under pc->lock. */
+static void req_done(struct pub_call *pc, struct pub_req *req)
+{
+	req->done = true;
+	/* librdkafka no longer reads the record bytes: free them now, not at the end. */
+	protobuf_c_message_free_unpacked(&req->msg->base, NULL);
+	req->msg = NULL;
+	while (pc->oldest && pc->oldest->done) {
+		struct pub_req *r = pc->oldest;
+		if (r->failed)
+			pc->prefix_broken = true;
+		if (!pc->prefix_broken)
+			pc->durable++;
+		pc->oldest = r->next;
+		if (!pc->oldest)
+			pc->newest = NULL;
+		req_free(r);
+		pc->refs--;
+	}
+}
+
+/* count records of req are settled (reported, or never handed over). Under pc->lock. */
+static void req_settle(struct pub_call *pc, struct pub_req *req, size_t count)
+{
+	req->pending -= count;
+	pc->inflight -= count;
+	if (req->pending == 0)
+		req_done(pc, req);
+	if (pc->state == PUB_PAUSED && pc->inflight < (size_t)conf->publish_max_inflight_records &&
+	    !pc->closed) {
+		set_state(pc, PUB_READING);
+		start_recv(pc);
+	}
+}
+
+static void destroy(struct pub_call *pc)
+{
+	pthread_mutex_lock(&registry_lock);
+	if (pc->prev)
+		pc->prev->next = pc->next;
+	else
+		registry = pc->next;
+	if (pc->next)
+		pc->next->prev = pc->prev;
+	pthread_mutex_unlock(&registry_lock);
+
+	log_debug("publish %p: freed", (void *)pc);
+	grpc_call_unref(pc->call);
+	grpc_metadata_array_destroy(&pc->md);
+	for (size_t i = 0; i < pc->n_ranges; i++)
+		free(pc->ranges[i].topic);
+	free(pc->ranges);
+	free(pc->error);
+	pthread_mutex_destroy(&pc->lock);
+	free(pc);
+	atomic_fetch_sub(&n_active, 1);
+}
+
+/* Drops one reference and unlocks; frees the call when it was the last. */
+static void unref_unlock(struct pub_call *pc)
+{
+	bool last = --pc->refs == 0;
+	pthread_mutex_unlock(&pc->lock);
+	if (last)
+		destroy(pc);
+}
+
+static void unlock_maybe_free(struct pub_call *pc)
+{
+	bool last = pc->refs == 0;
+	pthread_mutex_unlock(&pc->lock);
+	if (last)
+		destroy(pc);
+}
+
+void publish_handle(struct incoming *in)
+{
+	struct pub_call *pc = xcalloc(1, sizeof(*pc));
+	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+
+	pc->t_recv.done = recv_done;
+	pc->t_close.done = close_done;
+	pc->t_final.done = final_done;
+	pc->call = in->call;
+	pc->md = in->md;
+	pthread_mutex_init(&pc->lock, NULL);
+	pc->state = PUB_READING;
+	atomic_fetch_add(&n_active, 1);
+
+	pthread_mutex_lock(&registry_lock);
+	pc->next = registry;
+	if (registry)
+		registry->prev = pc;
+	registry = pc;
+	pthread_mutex_unlock(&registry_lock);
+
+	log_debug("publish %p: new call", (void *)pc);
+	pthread_mutex_lock(&pc->lock);
+	/* RECV_CLOSE_ON_SERVER alone: it completes when the call ends, cancelled or not. */
+	op.data.recv_close_on_server.cancelled = &pc->cancelled;
+	start_batch(pc, &op, 1, &pc->t_close);
+	if (server_draining())
+		fail(pc, GRPC_STATUS_UNAVAILABLE, xstrdup("kbridged is shutting down; publish to another instance"));
+	else
+		start_recv(pc);
+	maybe_finish(pc);
+	pthread_mutex_unlock(&pc->lock);
+}
+
+static bool topic_name_ok(const char *t)
+{
+	size_t n = strlen(t);
+	if (n == 0 || n > 249 || strcmp(t, ".") == 0 || strcmp(t, "..") == 0)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		char c = t[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+		      c == '.' || c == '_' || c == '-'))
+			return false;
+	}
+	return true;
+}
+
+grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64_t req_index,
+				  size_t max_record_bytes, char *msg, size_t msgsize)
+{
+	for (size_t i = 0; i < req->n_records; i++) {
+		const Kbridge__V1__Record *r = req->records[i];
+		size_t bytes = r->key.len + r->value.len;
+
+		for (size_t h = 0; h < r->n_headers; h++)
+			bytes += strlen(r->headers[h]->key) + r->headers[h]->value.len;
+		if (!r->topic[0]) {
+			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: the topic is empty",
+				 req_index, i);
+		} else if (!topic_name_ok(r->topic)) {
+			snprintf(msg, msgsize,
+				 "request %" PRIu64 ", record %zu: \"%.64s\" is not a valid Kafka topic name "
+				 "(1 to 249 of a-z A-Z 0-9 . _ -)", req_index, i, r->topic);
+		} else if (r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION && r->partition < 0) {
+			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: partition %d is negative",
+				 req_index, i, r->partition);
+		} else if (r->timestamp_ms < 0) {
+			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: timestamp_ms %" PRId64
+				 " is negative (0 means now)", req_index, i, r->timestamp_ms);
+		} else if (bytes > max_record_bytes) {
+			snprintf(msg, msgsize,
+				 "request %" PRIu64 ", record %zu: key, value and headers are %zu bytes, "
+				 "over publish.max_record_bytes (%zu)", req_index, i, bytes, max_record_bytes);
+		} else {
+			continue;
+		}
+		return GRPC_STATUS_INVALID_ARGUMENT;
+	}
+	return GRPC_STATUS_OK;
+}
+
+/* Validates and produces one request. Runs without pc->lock (see the top of the file). */
+static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index)
+{
+	Kbridge__V1__PublishRequest *msg =
+		(Kbridge__V1__PublishRequest *)codec_decode(&kbridge__v1__publish_request__descriptor, bb);
+	grpc_byte_buffer_destroy(bb);
+	char err[512];
+
+	if (!msg) {
+		pthread_mutex_lock(&pc->lock);
+		fail(pc, GRPC_STATUS_INVALID_ARGUMENT,
+		     xasprintf("request %" PRIu64 ": not a valid kbridge.v1.PublishRequest message", index));
+		pthread_mutex_unlock(&pc->lock);
+		return;
+	}
+	if (publish_validate(msg, index, conf->publish_max_record_bytes, err, sizeof(err)) != GRPC_STATUS_OK) {
+		protobuf_c_message_free_unpacked(&msg->base, NULL);
+		pthread_mutex_lock(&pc->lock);
+		fail(pc, GRPC_STATUS_INVALID_ARGUMENT, xstrdup(err));
+		pthread_mutex_unlock(&pc->lock);
+		return;
+	}
+
+	size_t n = msg->n_records;
+	struct pub_req *req = xmalloc(sizeof(*req) + n * sizeof(req->slot[0]));
+	req->pc = pc;
+	req->msg = msg;
+	req->index = index;
+	req->pending = n;
+	req->failed = req->done = false;
+	req->next = NULL;
+	for (size_t i = 0; i < n; i++)
+		req->slot[i] = req;
+
+	pthread_mutex_lock(&pc->lock);
+	if (pc->newest)
+		pc->newest->next = req;
+	else
+		pc->oldest = req;
+	pc->newest = req;
+	pc->inflight += n;
+	pc->refs++;
+	pthread_mutex_unlock(&pc->lock);
+
+	size_t i;
+	rd_kafka_resp_err_t kerr = RD_KAFKA_RESP_ERR_NO_ERROR;
+	for (i = 0; i < n; i++) {
+		kerr = producer_send(msg->records[i], &req->slot[i]);
+		if (kerr)
+			break;
+	}
+
+	pthread_mutex_lock(&pc->lock);
+	if (kerr) {
+		const Kbridge__V1__Record *r = msg->records[i];
+		grpc_status_code code = kerr == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION
+						? GRPC_STATUS_INVALID_ARGUMENT
+						: status_from_kafka(kerr);
+		req->failed = true;
+		fail(pc, code, xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", index, i,
+					 r->topic, rd_kafka_err2str(kerr)));
+	}
+	/* Settles what was never handed over, and an empty request. When every record was
+	 * handed over, their reports settle req (it may be freed already). */
+	if (i < n || n == 0)
+		req_settle(pc, req, n - i);
+	pthread_mutex_unlock(&pc->lock);
+}
+
+static void recv_done(struct tag *t, bool ok)
+{
+	struct pub_call *pc = container_of(t, struct pub_call, t_recv);
+
+	pthread_mutex_lock(&pc->lock);
+	grpc_byte_buffer *bb = pc->recv_bb;
+	pc->recv_bb = NULL;
+	pc->recv_busy = false;
+	if (!ok || pc->closed || pc->state != PUB_READING) {
+		/* The call is over or failing: whatever came is not published. */
+		if (bb)
+			grpc_byte_buffer_destroy(bb);
+		maybe_finish(pc);
+		unref_unlock(pc);
+		return;
+	}
+	if (!bb) { /* the client half-closed */
+		set_state(pc, PUB_HALF_CLOSED);
+		maybe_finish(pc);
+		unref_unlock(pc);
+		return;
+	}
+	uint64_t index = pc->next_index++;
+	pthread_mutex_unlock(&pc->lock);
+
+	process_request(pc, bb, index);
+
+	pthread_mutex_lock(&pc->lock);
+	if (pc->state == PUB_READING && !pc->closed) {
+		if (pc->inflight < (size_t)conf->publish_max_inflight_records)
+			start_recv(pc);
+		else
+			set_state(pc, PUB_PAUSED);
+	}
+	maybe_finish(pc);
+	unref_unlock(pc);
+}
+
+static void close_done(struct tag *t, bool ok)
+{
+	struct pub_call *pc = container_of(t, struct pub_call, t_close);
+
+	pthread_mutex_lock(&pc->lock);
+	pc->closed = true;
+	if (pc->cancelled && !pc->final_sent)
+		log_info("publish %p: the client cancelled or went away after %" PRIu64
+			 " requests; %zu records in flight will still be delivered",
+			 (void *)pc, pc->next_index, pc->inflight);
+	set_state(pc, PUB_DONE);
+	unref_unlock(pc);
+}
+
+static void final_done(struct tag *t, bool ok)
+{
+	struct pub_call *pc = container_of(t, struct pub_call, t_final);
+
+	pthread_mutex_lock(&pc->lock);
+	if (pc->send_bb) {
+		grpc_byte_buffer_destroy(pc->send_bb);
+		pc->send_bb = NULL;
+	}
+	grpc_slice_unref(pc->details);
+	unref_unlock(pc);
+}
+
+static struct pub_range *range_for(struct pub_call *pc, const char *topic, int32_t partition)
+{
+	for (size_t i = 0; i < pc->n_ranges; i++)
+		if (pc->ranges[i].partition == partition && strcmp(pc->ranges[i].topic, topic) == 0)
+			return &pc->ranges[i];
+	pc->ranges = xrealloc(pc->ranges, (pc->n_ranges + 1) * sizeof(*pc->ranges));
+	struct pub_range *r = &pc->ranges[pc->n_ranges++];
+	r->topic = xstrdup(topic);
+	r->partition = partition;
+	r->first = INT64_MAX;
+	r->last = -1;
+	r->count = 0;
+	return r;
+}
+
+void publish_on_delivery(const rd_kafka_message_t *m)
+{
+	struct pub_req **slot = m->_private;
+	struct pub_req *req = *slot;
+	struct pub_call *pc = req->pc;
+
+	pthread_mutex_lock(&pc->lock);
+	if (m->err) {
+		req->failed = true;
+		fail(pc, status_from_kafka(m->err),
+		     xasprintf("request %" PRIu64 ", record %td: topic %s partition %" PRId32
+			       ": not delivered to Kafka: %s", req->index, slot - req->slot,
+			       rd_kafka_topic_name(m->rkt), m->partition, rd_kafka_err2str(m->err)));
+	} else {
+		struct pub_range *r = range_for(pc, rd_kafka_topic_name(m->rkt), m->partition);
+		if (m->offset >= 0) {
+			if (m->offset < r->first)
+				r->first = m->offset;
+			if (m->offset > r->last)
+				r->last = m->offset;
+		}
+		r->count++;
+		pc->records_ok++;
+	}
+	req_settle(pc, req, 1);
+	maybe_finish(pc);
+	unlock_maybe_free(pc);
+}
+
+void publish_drain(void)
+{
+	pthread_mutex_lock(&registry_lock);
+	for (struct pub_call *pc = registry; pc; pc = pc->next) {
+		pthread_mutex_lock(&pc->lock);
+		if (!pc->closed && (pc->state == PUB_READING || pc->state == PUB_PAUSED))
+			fail(pc, GRPC_STATUS_UNAVAILABLE,
+			     xasprintf("kbridged is shutting down: requests from index %" PRIu64
+				       " on were not published; send them to another instance",
+				       pc->next_index));
+		maybe_finish(pc);
+		pthread_mutex_unlock(&pc->lock);
+	}
+	pthread_mutex_unlock(&registry_lock);
+}

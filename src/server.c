@@ -1,0 +1,342 @@
+/* server: gRPC core server, completion queue, threads, method dispatch.
+ *
+ * Threads and locks: main thread for init/start/shutdown; N completion-queue threads run
+ * tag callbacks. Shared state here is either written before the threads start (server,
+ * cq, methods) or atomic (draining, heartbeats); shutdown_lock guards shutdown_done. */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+#include "log.h"
+#include "publish.h"
+#include "server.h"
+#include "subscribe.h"
+#include "util.h"
+
+struct method {
+	const char *path;
+	grpc_server_register_method_payload_handling payload;
+	void (*handle)(struct incoming *in); /* NULL: answer UNIMPLEMENTED */
+	void *registered;
+};
+
+static void unimplemented(struct incoming *in);
+
+/* Client-streaming methods take PAYLOAD_NONE: with READ_INITIAL_BYTE_BUFFER the call
+ * would only be handed over once the first message arrived. */
+static struct method methods[] = {
+	{"/kbridge.v1.Bridge/Publish", GRPC_SRM_PAYLOAD_NONE, publish_handle, NULL},
+	{"/kbridge.v1.Bridge/PublishStream", GRPC_SRM_PAYLOAD_NONE, unimplemented, NULL},
+	{"/kbridge.v1.Bridge/Produce", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, unimplemented, NULL},
+	{"/kbridge.v1.Bridge/Subscribe", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, subscribe_handle, NULL},
+	{"/kbridge.v1.Bridge/ListTopics", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, unimplemented, NULL},
+};
+
+/* An outstanding grpc_server_request_*call: a method's (method != NULL) or the generic one. */
+struct request {
+	struct tag tag;
+	struct method *method;
+	struct incoming in;
+	grpc_call_details details; /* generic requests only */
+};
+
+static grpc_server *server;
+static grpc_completion_queue *cq;
+static pthread_t *threads;
+static atomic_llong *heartbeats;
+static int n_threads;
+static int requests_per_method;
+static atomic_bool draining;
+
+static pthread_mutex_t shutdown_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t shutdown_cond = PTHREAD_COND_INITIALIZER;
+static bool shutdown_done;
+static struct tag shutdown_tag;
+
+grpc_completion_queue *server_cq(void)
+{
+	return cq;
+}
+
+bool server_draining(void)
+{
+	return atomic_load(&draining);
+}
+
+static void request_done(struct tag *tag, bool ok);
+
+static void request_arm(struct method *m)
+{
+	struct request *r = xcalloc(1, sizeof(*r));
+	grpc_call_error e;
+
+	r->tag.done = request_done;
+	r->method = m;
+	grpc_metadata_array_init(&r->in.md);
+	if (m) {
+		e = grpc_server_request_registered_call(
+			server, m->registered, &r->in.call, &r->in.deadline, &r->in.md,
+			m->payload == GRPC_SRM_PAYLOAD_NONE ? NULL : &r->in.payload, cq, cq, &r->tag);
+	} else {
+		grpc_call_details_init(&r->details);
+		e = grpc_server_request_call(server, &r->in.call, &r->details, &r->in.md, cq, cq,
+					     &r->tag);
+	}
+	if (e != GRPC_CALL_OK)
+		log_error("cannot request a new call for %s: grpc error %d", m ? m->path : "*", e);
+}
+
+static void request_free(struct request *r)
+{
+	if (!r->method)
+		grpc_call_details_destroy(&r->details);
+	free(r);
+}
+
+static void request_done(struct tag *tag, bool ok)
+{
+	struct request *r = container_of(tag, struct request, tag);
+
+	if (!ok) { /* the server is shutting down: do not re-arm */
+		grpc_metadata_array_destroy(&r->in.md);
+		request_free(r);
+		return;
+	}
+	/* Re-arm first, so the next call can be accepted while this one is handled. */
+	request_arm(r->method);
+	if (atomic_load(&draining)) {
+		server_reject(&r->in, GRPC_STATUS_UNAVAILABLE, "kbridged is shutting down; retry on another instance");
+	} else if (r->method) {
+		r->method->handle(&r->in);
+	} else {
+		char *path = grpc_slice_to_c_string(r->details.method);
+		char *msg = xasprintf("unknown method %s: kbridged serves kbridge.v1.Bridge", path);
+		server_reject(&r->in, GRPC_STATUS_UNIMPLEMENTED, msg);
+		free(msg);
+		gpr_free(path);
+	}
+	request_free(r);
+}
+
+static void unimplemented(struct incoming *in)
+{
+	if (in->payload) {
+		grpc_byte_buffer_destroy(in->payload);
+		in->payload = NULL;
+	}
+	server_reject(in, GRPC_STATUS_UNIMPLEMENTED, "this method is not implemented by this version of kbridged");
+}
+
+/* A call answered with a status at once. */
+struct rejected {
+	struct tag tag;
+	grpc_call *call;
+	grpc_metadata_array md;
+	int cancelled;
+};
+
+static void rejected_done(struct tag *tag, bool ok)
+{
+	struct rejected *rj = container_of(tag, struct rejected, tag);
+
+	grpc_call_unref(rj->call);
+	grpc_metadata_array_destroy(&rj->md);
+	free(rj);
+}
+
+void server_reject(struct incoming *in, grpc_status_code code, const char *msg)
+{
+	struct rejected *rj = xcalloc(1, sizeof(*rj));
+	grpc_slice details = grpc_slice_from_copied_string(msg);
+	grpc_op ops[3];
+
+	memset(ops, 0, sizeof(ops));
+	rj->tag.done = rejected_done;
+	rj->call = in->call;
+	rj->md = in->md;
+	if (in->payload)
+		grpc_byte_buffer_destroy(in->payload);
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+	ops[1].data.send_status_from_server.status = code;
+	ops[1].data.send_status_from_server.status_details = &details;
+	ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+	ops[2].data.recv_close_on_server.cancelled = &rj->cancelled;
+	grpc_call_error e = grpc_call_start_batch(rj->call, ops, 3, &rj->tag, NULL);
+	grpc_slice_unref(details);
+	if (e != GRPC_CALL_OK) {
+		log_error("cannot answer a call: grpc error %d", e);
+		rejected_done(&rj->tag, false);
+	}
+}
+
+static void *cq_thread(void *arg)
+{
+	atomic_llong *beat = arg;
+
+	for (;;) {
+		gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+						     gpr_time_from_millis(250, GPR_TIMESPAN));
+		grpc_event ev = grpc_completion_queue_next(cq, deadline, NULL);
+		atomic_store(beat, now_ms());
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			break;
+		if (ev.type == GRPC_OP_COMPLETE) {
+			struct tag *t = ev.tag;
+			t->done(t, ev.success != 0);
+		}
+	}
+	return NULL;
+}
+
+static void shutdown_tag_done(struct tag *tag, bool ok)
+{
+	pthread_mutex_lock(&shutdown_lock);
+	shutdown_done = true;
+	pthread_cond_broadcast(&shutdown_cond);
+	pthread_mutex_unlock(&shutdown_lock);
+}
+
+int server_init(const struct conf *c)
+{
+	grpc_arg args[] = {
+		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+		 .value.integer = c->publish_max_request_bytes},
+		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = -1},
+		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_PING_STRIKES, .value.integer = 0},
+	};
+	grpc_channel_args chargs = {.num_args = ARRAY_SIZE(args), .args = args};
+
+	n_threads = c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+	if (n_threads < 1)
+		n_threads = 1;
+	requests_per_method = n_threads < 2 ? 2 : n_threads;
+	cq = grpc_completion_queue_create_for_next(NULL);
+	server = grpc_server_create(&chargs, NULL);
+	grpc_server_register_completion_queue(server, cq, NULL);
+	for (size_t i = 0; i < ARRAY_SIZE(methods); i++)
+		methods[i].registered = grpc_server_register_method(server, methods[i].path, NULL,
+								    methods[i].payload, 0);
+
+	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+	int rc = 0;
+	for (size_t i = 0; i < c->n_listen; i++) {
+		const char *addr = c->listen[i];
+		if (strncmp(addr, "unix:", 5) == 0)
+			unlink(addr + 5); /* a stale socket from an earlier run */
+		int port = grpc_server_add_http2_port(server, addr, creds);
+		if (port == 0) {
+			log_error("cannot listen on %s (listen in %s): address in use, not permitted, or not resolvable",
+				  addr, c->path ? c->path : "the configuration");
+			rc = -1;
+			break;
+		}
+		if (strncmp(addr, "unix:", 5) != 0 && strrchr(addr, ':') && strcmp(strrchr(addr, ':'), ":0") == 0)
+			log_info("listening on %.*s:%d", (int)(strrchr(addr, ':') - addr), addr, port);
+		else
+			log_info("listening on %s", addr);
+	}
+	grpc_server_credentials_release(creds);
+	if (rc < 0) {
+		grpc_server_destroy(server);
+		server = NULL;
+		grpc_completion_queue_shutdown(cq);
+		while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+		       GRPC_QUEUE_SHUTDOWN)
+			;
+		grpc_completion_queue_destroy(cq);
+		cq = NULL;
+	}
+	return rc;
+}
+
+void server_start(void)
+{
+	grpc_server_start(server);
+	for (size_t i = 0; i < ARRAY_SIZE(methods); i++)
+		for (int k = 0; k < requests_per_method; k++)
+			request_arm(&methods[i]);
+	for (int k = 0; k < requests_per_method; k++)
+		request_arm(NULL);
+	threads = xcalloc(n_threads, sizeof(*threads));
+	heartbeats = xcalloc(n_threads, sizeof(*heartbeats));
+	for (int i = 0; i < n_threads; i++) {
+		atomic_store(&heartbeats[i], now_ms());
+		if (pthread_create(&threads[i], NULL, cq_thread, &heartbeats[i]) != 0) {
+			log_error("cannot start completion-queue thread %d", i);
+			abort();
+		}
+	}
+	log_info("serving with %d completion-queue threads", n_threads);
+}
+
+bool server_threads_alive(int64_t max_ms)
+{
+	int64_t now = now_ms();
+	for (int i = 0; i < n_threads; i++)
+		if (now - atomic_load(&heartbeats[i]) > max_ms)
+			return false;
+	return true;
+}
+
+void server_shutdown_begin(void)
+{
+	atomic_store(&draining, true);
+	shutdown_tag.done = shutdown_tag_done;
+	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
+	/* Streams do not end by themselves: end them so the shutdown can complete. */
+	subscribe_drain();
+	publish_drain();
+}
+
+bool server_shutdown_wait(int64_t deadline_ms)
+{
+	bool done;
+
+	pthread_mutex_lock(&shutdown_lock);
+	while (!shutdown_done) {
+		/* The condition variable waits on CLOCK_REALTIME: wait in short steps and
+		 * judge the deadline on the monotonic clock. */
+		struct timespec step;
+		clock_gettime(CLOCK_REALTIME, &step);
+		step.tv_nsec += 50 * 1000000;
+		if (step.tv_nsec >= 1000000000) {
+			step.tv_sec++;
+			step.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&shutdown_cond, &shutdown_lock, &step);
+		if (now_ms() >= deadline_ms)
+			break;
+	}
+	done = shutdown_done;
+	pthread_mutex_unlock(&shutdown_lock);
+	return done;
+}
+
+void server_cancel_all(void)
+{
+	grpc_server_cancel_all_calls(server);
+}
+
+void server_finish(void)
+{
+	grpc_server_destroy(server);
+	server = NULL;
+	grpc_completion_queue_shutdown(cq);
+	for (int i = 0; i < n_threads; i++)
+		pthread_join(threads[i], NULL);
+	grpc_completion_queue_destroy(cq);
+	cq = NULL;
+	free(threads);
+	free((void *)heartbeats);
+	threads = NULL;
+	heartbeats = NULL;
+}
