@@ -220,7 +220,7 @@ static void load_props(struct loader *ld, config_setting_t *s, const char *name,
 			continue;
 		}
 		if (rd_kafka_conf_set(probe, pname, eq + 1, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK) {
-			conf_err(ld, e, name, "%s", errstr);
+			conf_err(ld, e, name, "\"%s\": %s", v, errstr);
 			free(pname);
 			continue;
 		}
