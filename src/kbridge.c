@@ -18,7 +18,6 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -158,9 +157,11 @@ static uint64_t parse_count(const char *opt, const char *arg, uint64_t min, uint
 
 	errno = 0;
 	v = strtoull(arg, &end, 10);
-	if (arg[0] < '0' || arg[0] > '9' || *end || errno || v < min || v > max)
-		usage_error("%s: '%s' is not a whole number in %" PRIu64 "..%" PRIu64, opt, arg, min, max);
-	return v;
+	if (arg[0] >= '0' && arg[0] <= '9' && !*end && !errno && v >= min && v <= max)
+		return v;
+	if (max == UINT64_MAX)
+		usage_error("%s: '%s' is not a whole number of at least %" PRIu64, opt, arg, min);
+	usage_error("%s: '%s' is not a whole number from %" PRIu64 " to %" PRIu64, opt, arg, min, max);
 }
 
 static double parse_seconds(const char *arg)
@@ -573,7 +574,7 @@ static void publish_maybe_close(struct publish *p)
 /* Reader: queues one request, waiting while the queue is full. False once the call is over. */
 static bool publish_submit(struct publish *p, struct batch *b)
 {
-	uint32_t n = b->n;
+	uint32_t n = (uint32_t)b->n; /* at most MAX_BATCH_RECORDS */
 	grpc_byte_buffer *bb = batch_encode(b);
 
 	pthread_mutex_lock(&p->lock);
@@ -777,7 +778,8 @@ static int publish_report_failure(struct publish *p)
 		uint64_t lines = 0;
 		for (size_t i = 0; i < durable && i < p->n_reqs; i++)
 			lines += p->req_records[i];
-		fprintf(stderr, "kbridge: the first %" PRIu64 " input lines are durable\n", lines);
+		if (lines > 0)
+			fprintf(stderr, "kbridge: the first %" PRIu64 " input lines are durable\n", lines);
 	} else {
 		fputc('\n', stderr);
 	}
@@ -1130,7 +1132,7 @@ static int main_tail(struct global *g, int argc, char **argv)
 			limit = parse_count("--count", optarg, 1, UINT64_MAX);
 			break;
 		case OPT_MAX_BATCH:
-			max_batch = parse_count("--max-batch", optarg, 1, 100000);
+			max_batch = (uint32_t)parse_count("--max-batch", optarg, 1, 100000);
 			break;
 		case 'v':
 			verbose = true;
