@@ -176,9 +176,13 @@ static void load_addresses(struct loader *ld, config_setting_t *s, const char *n
 	for (int i = 0; i < n; i++) {
 		config_setting_t *e = config_setting_is_aggregate(s) ? config_setting_get_elem(s, i) : s;
 		const char *v = config_setting_get_string(e);
-		const char *why = v ? address_problem(v) : "expected a string";
+		if (!v) {
+			conf_err(ld, e, name, "address %d: expected a string like \"127.0.0.1:50051\"", i);
+			continue;
+		}
+		const char *why = address_problem(v);
 		if (why) {
-			conf_err(ld, e, name, "\"%s\": %s", v ? v : "?", why);
+			conf_err(ld, e, name, "\"%s\": %s", v, why);
 			continue;
 		}
 		list[k++] = xstrdup(v);
@@ -302,7 +306,13 @@ static void load_group(struct loader *ld, config_setting_t *group, const char *p
 			else
 				conf_err(ld, s, name, "unknown group (known: kafka, publish, subscribe)");
 		} else {
-			conf_err(ld, s, name, "unknown setting");
+			bool is_group_name = false;
+			for (size_t j = 0; j < ARRAY_SIZE(groups); j++)
+				is_group_name |= !prefix && strcmp(groups[j], name) == 0;
+			if (is_group_name)
+				conf_err(ld, s, name, "expected a group: %s = { ... };", name);
+			else
+				conf_err(ld, s, name, "unknown setting");
 		}
 		free(name);
 	}
@@ -322,7 +332,7 @@ int conf_load(const char *path, struct conf *c, FILE *err)
 				fprintf(err, "%s: cannot read the file: %s\n", path,
 					strerror(errno ? errno : ENOENT));
 		} else if (err) {
-			fprintf(err, "%s:%d: syntax error: %s\n",
+			fprintf(err, "%s:%d: %s\n",
 				config_error_file(&cf) ? config_error_file(&cf) : path,
 				config_error_line(&cf), config_error_text(&cf));
 		}

@@ -1,0 +1,451 @@
+#!/usr/bin/python3
+"""kbclient: a small Python gRPC client of kbridged, for the scenario tests.
+
+Run it with Debian's /usr/bin/python3 (python3-grpcio, python3-protobuf) and
+PYTHONPATH pointing at the generated stubs (gen/python in the build tree).
+
+    kbclient.py --address unix:/path/kb.sock COMMAND [OPTIONS]
+
+Commands (see `kbclient.py COMMAND --help`):
+  publish    Publish generated records over one client stream (or, with
+             --per-call, over many short calls); prints a JSON result.
+  subscribe  Subscribe; prints one JSON line per record on stdout, "READY" on
+             stderr once the initial metadata arrived, and the JSON result as
+             "RESULT {...}" on stderr (and in --result FILE).
+  rpc        Call Produce, PublishStream or ListTopics once; prints a JSON result.
+  raw        Send raw bytes to any method path (no protobuf encoding), to test
+             undecodable requests and unknown methods; prints a JSON result.
+
+Records are numbered: record i has value "v<i>-" padded with "x" to --size
+bytes, key "<key-prefix><i>" when --key-prefix is given, the --header
+headers and, with --index-header NAME, a header NAME=<i>.
+
+The JSON result has "code" (gRPC status code number), "code_name", "details",
+"durable" (the kbridge-durable-requests trailer as an int, or null) and
+command-specific fields. The exit status is 0 when the call ended with the
+status given by --expect (default OK), 1 otherwise, 2 for bad usage.
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import grpc
+
+from kbridge.v1 import bridge_pb2, bridge_pb2_grpc
+
+DURABLE_TRAILER = "kbridge-durable-requests"
+CODES = {c.name: c for c in grpc.StatusCode}
+
+
+def code_arg(name):
+    """argparse type: a status code name such as INVALID_ARGUMENT."""
+    try:
+        return CODES[name.upper()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown status code {name!r}; one of {', '.join(CODES)}")
+
+
+def status_code_number(code):
+    return code.value[0]
+
+
+def durable_from(metadata):
+    for key, value in metadata or ():
+        if key == DURABLE_TRAILER:
+            try:
+                return int(value)
+            except ValueError:
+                return value
+    return None
+
+
+def result_of(code, details="", trailers=None):
+    return {
+        "code": status_code_number(code),
+        "code_name": code.name,
+        "details": details or "",
+        "durable": durable_from(trailers),
+        "trailers": {k: v if isinstance(v, str) else v.hex() for k, v in (trailers or ())},
+    }
+
+
+def finish(args, result, out=sys.stdout):
+    """Prints the result; returns the exit status for --expect."""
+    print(json.dumps(result), file=out, flush=True)
+    if result["code_name"] != args.expect.name:
+        print(f"kbclient: {args.command}: expected {args.expect.name}, got "
+              f"{result['code_name']}: {result['details']}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def channel_for(args):
+    return grpc.insecure_channel(args.address, options=[
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 256 << 20),
+    ])
+
+
+# --- publish ---
+
+def parse_header(s):
+    k, sep, v = s.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"header {s!r}: want KEY=VALUE")
+    return (k, v.encode())
+
+
+def parse_big(s):
+    idx, sep, size = s.partition(":")
+    try:
+        return int(idx), int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: want INDEX:SIZE")
+
+
+class RecordMaker:
+    """Builds record number i (see the module documentation)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def value(self, i, size):
+        head = f"v{i}-".encode()
+        return head + b"x" * max(0, size - len(head))
+
+    def make(self, i, local):
+        a = self.args
+        size = a.size
+        if a.big_record and local == a.big_record[0]:
+            size = a.big_record[1]
+        rec = bridge_pb2.Record(topic=a.topic, value=self.value(i, size))
+        if a.empty_topic is not None and local == a.empty_topic:
+            rec.topic = ""
+        if a.key_prefix is not None:
+            rec.key = f"{a.key_prefix}{i}".encode()
+        for k, v in a.header:
+            rec.headers.add(key=k, value=v)
+        if a.index_header:
+            rec.headers.add(key=a.index_header, value=str(i).encode())
+        if a.partition is not None:
+            rec.partition = a.partition
+        return rec
+
+
+class RequestStream:
+    """The request iterator of one Publish call: records [first, first+count).
+
+    Counts what gRPC has taken from it (handed over), and can stop after a
+    number of requests (to cancel) or hold the stream open (to be killed)."""
+
+    def __init__(self, args, maker, first, count):
+        self.args, self.maker = args, maker
+        self.first, self.count = first, count
+        self.sent_requests = 0
+        self.sent_records = 0
+        self.reached = threading.Event()   # --cancel-after requests taken
+        self.release = threading.Event()   # lets a held generator end
+
+    def __iter__(self):
+        a = self.args
+        local = self.first - a.start
+        end = self.first + self.count
+        i = self.first
+        while i < end:
+            if a.cancel_after is not None and self.sent_requests == a.cancel_after:
+                self.reached.set()
+                self.release.wait()
+                return
+            n = min(a.per_request, end - i)
+            req = bridge_pb2.PublishRequest(
+                records=[self.maker.make(i + j, local + j) for j in range(n)])
+            self.sent_requests += 1
+            self.sent_records += n
+            yield req
+            i += n
+            local += n
+            if a.delay:
+                time.sleep(a.delay)
+        if a.hang:
+            print(f"SENT requests={self.sent_requests} records={self.sent_records}",
+                  file=sys.stderr, flush=True)
+            self.release.wait()
+        self.reached.set()
+
+
+def publish_call(args, stub, maker, first, count):
+    """One Publish call; returns (result dict, response or None)."""
+    stream = RequestStream(args, maker, first, count)
+    fut = stub.Publish.future(iter(stream), timeout=args.timeout)
+    cancelled_by_us = False
+    if args.cancel_after is not None:
+        while not stream.reached.wait(0.05):
+            if fut.done():
+                break
+        if not fut.done():
+            time.sleep(args.cancel_delay)
+            fut.cancel()
+            cancelled_by_us = True
+        stream.release.set()
+    try:
+        resp = fut.result()
+        res = result_of(grpc.StatusCode.OK, "", fut.trailing_metadata())
+        res["records"] = resp.records
+        res["spooled"] = resp.spooled
+        res["ranges"] = [{"topic": r.topic, "partition": r.partition,
+                          "first_offset": r.first_offset, "last_offset": r.last_offset,
+                          "count": r.count} for r in resp.ranges]
+    except grpc.FutureCancelledError:
+        res = result_of(grpc.StatusCode.CANCELLED, "cancelled by the client")
+        resp = None
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+        resp = None
+    finally:
+        stream.release.set()
+    res["sent_requests"] = stream.sent_requests
+    res["sent_records"] = stream.sent_records
+    res["cancelled_by_client"] = cancelled_by_us
+    return res, resp
+
+
+def cmd_publish(args):
+    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+    maker = RecordMaker(args)
+    if not args.per_call:
+        res, _ = publish_call(args, stub, maker, args.start, args.records)
+        return finish(args, res)
+    # Many short calls: stop at the first failure; log each acknowledged call.
+    acked = 0
+    calls = 0
+    log = open(args.acked_log, "a") if args.acked_log else None
+    res = None
+    first = args.start
+    end = args.start + args.records
+    while first < end:
+        n = min(args.per_call, end - first)
+        res, resp = publish_call(args, stub, maker, first, n)
+        calls += 1
+        if res["code"] != 0:
+            break
+        if resp.records != n:
+            res = result_of(grpc.StatusCode.INTERNAL,
+                            f"call {calls}: response says {resp.records} records, sent {n}")
+            break
+        acked += n
+        if log:
+            log.write(f"{first} {first + n - 1}\n")
+            log.flush()
+        first += n
+    if log:
+        log.close()
+    res = res or result_of(grpc.StatusCode.OK)
+    res["calls"] = calls
+    res["acked_records"] = acked
+    return finish(args, res)
+
+
+# --- subscribe ---
+
+def record_json(rec, batch):
+    return {
+        "topic": rec.topic,
+        "partition": rec.partition if rec.HasField("partition") else None,
+        "offset": rec.offset,
+        "timestamp_ms": rec.timestamp_ms,
+        "key": rec.key.decode("utf-8", "backslashreplace"),
+        "value": rec.value.decode("utf-8", "backslashreplace"),
+        "headers": [[h.key, h.value.decode("utf-8", "backslashreplace")] for h in rec.headers],
+        "batch": batch,
+    }
+
+
+def cmd_subscribe(args):
+    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+    start = {"latest": bridge_pb2.SubscribeRequest.LATEST,
+             "earliest": bridge_pb2.SubscribeRequest.EARLIEST}[args.start]
+    req = bridge_pb2.SubscribeRequest(topics=args.topic, start=start,
+                                      max_batch=args.max_batch)
+    call = stub.Subscribe(req)
+    state = {"last": time.monotonic(), "why": None}
+    done = threading.Event()
+
+    def watchdog():
+        begin = time.monotonic()
+        while not done.wait(0.05):
+            now = time.monotonic()
+            if args.timeout and now - begin > args.timeout:
+                state["why"] = "timeout"
+            elif args.idle and now - state["last"] > args.idle:
+                state["why"] = "idle"
+            else:
+                continue
+            call.cancel()
+            return
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    records = responses = max_response = 0
+    code, details, trailers = grpc.StatusCode.OK, "", None
+    try:
+        call.initial_metadata()
+        # --idle counts from here: the start offsets are fixed now.
+        state["last"] = time.monotonic()
+        if call.is_active() or call.code() is None:
+            print("READY", file=sys.stderr, flush=True)
+        for resp in call:
+            state["last"] = time.monotonic()
+            responses += 1
+            max_response = max(max_response, len(resp.records))
+            for rec in resp.records:
+                print(json.dumps(record_json(rec, responses - 1)))
+                records += 1
+            sys.stdout.flush()
+            if args.count and records >= args.count:
+                state["why"] = "count"
+                call.cancel()
+                break
+    except grpc.RpcError as e:
+        code, details, trailers = e.code(), e.details(), e.trailing_metadata()
+    done.set()
+    if state["why"] in ("count", "idle"):
+        code, details, trailers = grpc.StatusCode.OK, f"stopped by the client ({state['why']})", None
+    elif state["why"] == "timeout":
+        code, details = grpc.StatusCode.DEADLINE_EXCEEDED, \
+            f"client timeout after {args.timeout}s with {records} records"
+    res = result_of(code, details, trailers)
+    res.update(records=records, responses=responses, max_response=max_response)
+    if args.result:
+        with open(args.result, "w") as f:
+            json.dump(res, f)
+    print("RESULT", end=" ", file=sys.stderr)
+    return finish(args, res, out=sys.stderr)
+
+
+# --- rpc and raw ---
+
+def cmd_rpc(args):
+    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+    rec = bridge_pb2.Record(topic=args.topic, value=b"rpc")
+    req = bridge_pb2.PublishRequest(records=[rec])
+    try:
+        if args.method == "produce":
+            stub.Produce(req, timeout=args.timeout)
+        elif args.method == "list-topics":
+            stub.ListTopics(bridge_pb2.ListTopicsRequest(), timeout=args.timeout)
+        else:
+            for _ in stub.PublishStream(iter([req]), timeout=args.timeout):
+                pass
+        res = result_of(grpc.StatusCode.OK)
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+    return finish(args, res)
+
+
+def cmd_raw(args):
+    chan = channel_for(args)
+    msgs = [bytes.fromhex(h) for h in args.hex]
+    kind = args.kind
+    begin = time.monotonic()
+    replies = 0
+    try:
+        if kind == "unary":
+            chan.unary_unary(args.method)(msgs[0] if msgs else b"", timeout=args.timeout)
+            replies = 1
+        elif kind == "client-stream":
+            chan.stream_unary(args.method)(iter(msgs), timeout=args.timeout)
+            replies = 1
+        elif kind == "server-stream":
+            for _ in chan.unary_stream(args.method)(msgs[0] if msgs else b"",
+                                                     timeout=args.timeout):
+                replies += 1
+        else:
+            for _ in chan.stream_stream(args.method)(iter(msgs), timeout=args.timeout):
+                replies += 1
+        res = result_of(grpc.StatusCode.OK)
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+    res["replies"] = replies
+    res["seconds"] = round(time.monotonic() - begin, 3)
+    return finish(args, res)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", required=True, help="unix:/path or host:port")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, timeout):
+        sp.add_argument("--expect", type=code_arg, default=grpc.StatusCode.OK,
+                        metavar="CODE", help="status code that means success (default OK)")
+        sp.add_argument("--timeout", type=float, default=timeout,
+                        help=f"deadline in seconds (default {timeout})")
+
+    sp = sub.add_parser("publish", help="publish generated records")
+    common(sp, 120)
+    sp.add_argument("--topic", required=True)
+    sp.add_argument("--records", type=int, default=1, help="records to send (default 1)")
+    sp.add_argument("--size", type=int, default=100, help="value bytes (default 100)")
+    sp.add_argument("--per-request", type=int, default=1, help="records per PublishRequest")
+    sp.add_argument("--start", type=int, default=0, help="number of the first record")
+    sp.add_argument("--key-prefix", help="key each record with PREFIX<i>")
+    sp.add_argument("--header", type=parse_header, action="append", default=[],
+                    metavar="KEY=VALUE", help="a header on every record (repeatable)")
+    sp.add_argument("--index-header", metavar="NAME", help="a header NAME=<i> on every record")
+    sp.add_argument("--partition", type=int, help="explicit partition for every record")
+    sp.add_argument("--big-record", type=parse_big, metavar="INDEX:SIZE",
+                    help="record INDEX (from 0 in this run) gets a value of SIZE bytes")
+    sp.add_argument("--empty-topic", type=int, metavar="INDEX",
+                    help="record INDEX (from 0 in this run) gets an empty topic")
+    sp.add_argument("--delay", type=float, default=0, help="seconds to sleep between requests")
+    sp.add_argument("--cancel-after", type=int, metavar="N",
+                    help="cancel the call once gRPC has taken N requests")
+    sp.add_argument("--cancel-delay", type=float, default=0.2,
+                    help="seconds between the Nth request and the cancel (default 0.2)")
+    sp.add_argument("--hang", action="store_true",
+                    help="after the last request, print SENT on stderr and never half-close")
+    sp.add_argument("--per-call", type=int, metavar="N",
+                    help="many Publish calls of N records each, stopping at the first error")
+    sp.add_argument("--acked-log", metavar="FILE",
+                    help="with --per-call: append 'FIRST LAST' for each acknowledged call")
+    sp.set_defaults(func=cmd_publish)
+
+    sp = sub.add_parser("subscribe", help="subscribe and print records as JSON lines")
+    common(sp, 60)
+    sp.add_argument("--topic", action="append", default=[], help="topic (repeatable)")
+    sp.add_argument("--start", choices=["latest", "earliest"], default="latest")
+    sp.add_argument("--max-batch", type=int, default=0)
+    sp.add_argument("--count", type=int, default=0, help="cancel after this many records")
+    sp.add_argument("--idle", type=float, default=0,
+                    help="cancel after this many seconds without records, counted from the "
+                         "initial metadata (an OK end)")
+    sp.add_argument("--result", metavar="FILE", help="also write the JSON result to FILE")
+    sp.set_defaults(func=cmd_subscribe)
+
+    sp = sub.add_parser("rpc", help="call another Bridge method once")
+    common(sp, 10)
+    sp.add_argument("method", choices=["produce", "publish-stream", "list-topics"])
+    sp.add_argument("--topic", default="t")
+    sp.set_defaults(func=cmd_rpc)
+
+    sp = sub.add_parser("raw", help="send raw bytes to a method path")
+    common(sp, 10)
+    sp.add_argument("--method", required=True, help="e.g. /kbridge.v1.Bridge/Publish")
+    sp.add_argument("--kind", default="unary",
+                    choices=["unary", "client-stream", "server-stream", "bidi"])
+    sp.add_argument("--hex", action="append", default=[], help="one message, in hex (repeatable)")
+    sp.set_defaults(func=cmd_raw)
+
+    args = p.parse_args()
+    if args.command == "publish" and (args.per_request < 1 or args.records < 0):
+        p.error("--per-request must be >= 1 and --records >= 0")
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
