@@ -26,6 +26,7 @@
 #include "publish.h"
 #include "server.h"
 #include "subscribe.h"
+#include "topics.h"
 #include "util.h"
 
 #define DEFAULT_CONF SYSCONFDIR "/kbridge/kbridged.conf"
@@ -223,6 +224,7 @@ int main(int argc, char **argv)
 	drain(&c);
 	consumer_shutdown();
 	server_finish();
+	topics_shutdown();
 	producer_shutdown();
 	embedded_shutdown();
 	grpc_shutdown();

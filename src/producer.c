@@ -110,6 +110,11 @@ int producer_wait_ready(int timeout_ms)
 	return brokers > 0 ? 0 : -1;
 }
 
+rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int timeout_ms)
+{
+	return rd_kafka_metadata(rk, 1, NULL, md, timeout_ms);
+}
+
 rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 {
 	rd_kafka_headers_t *hdrs = NULL;

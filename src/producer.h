@@ -21,6 +21,9 @@ int producer_init(const struct conf *c, const char *brokers, producer_delivery_f
 		  char *errmsg, size_t errsize);
 /* Waits up to timeout_ms for the cluster to answer a metadata request: 0 when it did. */
 int producer_wait_ready(int timeout_ms);
+/* Reads the cluster's metadata for every topic (rd_kafka_metadata): blocking, so never on
+ * a completion-queue thread. The caller frees *md with rd_kafka_metadata_destroy. */
+rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int timeout_ms);
 /* Hands one record to librdkafka without copying key and value: they must stay valid until
  * the delivery report. A full queue is waited out (serving delivery reports) up to the
  * delivery timeout. Returns the librdkafka error; on error no delivery report will come. */

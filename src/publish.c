@@ -1,6 +1,13 @@
-/* publish: the Publish RPC. Each call is a struct pub_call with an explicit state; every
+/* publish: the Publish (client streaming), PublishStream (bidi) and Produce (unary) RPCs.
+ * All three share one machine: each call is a struct pub_call with an explicit state; every
  * completion (a batch on a completion-queue thread, a delivery report on the producer's
- * poll thread) takes the call's lock, updates it, and may start the next batch.
+ * poll thread) takes the call's lock, updates it, and may start the next batch. They
+ * differ in what they answer:
+ *   - Publish: one PublishResponse after the half-close; the first failed record ends the
+ *     call (with kbridge-durable-requests in the trailers).
+ *   - PublishStream: one PublishAck per request as soon as its records are settled, in
+ *     completion order; a failed record is reported in its RecordResult only.
+ *   - Produce: the PublishAck of its single request.
  *
  * Threads and locks:
  *   - registry_lock guards the list of live calls (drain walks it); taken before a call's lock.
@@ -42,6 +49,20 @@ static const char *const state_names[] = {
 	"reading", "paused", "half-closed", "failing", "finishing", "done",
 };
 
+enum pub_mode {
+	MODE_PUBLISH,
+	MODE_STREAM,
+	MODE_PRODUCE,
+};
+
+/* The outcome of one record, for PublishAck (stream and unary modes). */
+struct pub_result {
+	int32_t partition;
+	int64_t offset;
+	grpc_status_code code;
+	char *error;
+};
+
 struct pub_range {
 	char *topic;
 	int32_t partition;
@@ -57,12 +78,15 @@ struct pub_req {
 	uint64_t index;
 	size_t pending; /* records handed over whose reports are not in */
 	bool failed, done;
-	struct pub_req *next;
+	size_t n_records;
+	struct pub_req *next;      /* the in-order list (Publish) or the ack queue (others) */
+	struct pub_result *results; /* one per record in the ack modes, else NULL */
 	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
 };
 
 struct pub_call {
-	struct tag t_recv, t_close, t_final;
+	struct tag t_recv, t_close, t_final, t_send;
+	enum pub_mode mode;
 	grpc_call *call;
 	grpc_metadata_array md;
 	grpc_byte_buffer *recv_bb;
@@ -70,12 +94,14 @@ struct pub_call {
 
 	pthread_mutex_t lock;
 	enum pub_state state;
-	bool recv_busy, closed, final_sent;
+	bool recv_busy, closed, final_sent, send_busy, md_sent;
 	int refs;               /* batches outstanding + requests not yet retired */
 	uint64_t next_index;    /* index of the next request received */
 	uint64_t durable;       /* leading requests fully durable */
 	bool prefix_broken;     /* a request failed: `durable` stops there */
-	struct pub_req *oldest, *newest;
+	struct pub_req *oldest, *newest; /* Publish: requests not yet retired, in order */
+	struct pub_req *ack_head, *ack_tail; /* ack modes: settled requests to acknowledge */
+	grpc_byte_buffer *ack_bb;        /* the ack being sent */
 	size_t inflight;        /* records handed to Kafka whose reports are not in */
 	uint64_t records_ok;
 	struct pub_range *ranges;
@@ -100,6 +126,8 @@ static atomic_size_t n_active;
 static void recv_done(struct tag *t, bool ok);
 static void close_done(struct tag *t, bool ok);
 static void final_done(struct tag *t, bool ok);
+static void send_done(struct tag *t, bool ok);
+static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index);
 
 void publish_init(const struct conf *c)
 {
@@ -152,14 +180,66 @@ static void start_recv(struct pub_call *pc)
 	start_batch(pc, &op, 1, &pc->t_recv);
 }
 
+static void req_free(struct pub_req *req)
+{
+	if (req->msg)
+		protobuf_c_message_free_unpacked(&req->msg->base, NULL);
+	if (req->results)
+		for (size_t i = 0; i < req->n_records; i++)
+			free(req->results[i].error);
+	free(req->results);
+	free(req);
+}
+
+/* The PublishAck of a settled request. */
+static grpc_byte_buffer *encode_ack(const struct pub_req *req)
+{
+	Kbridge__V1__PublishAck ack = KBRIDGE__V1__PUBLISH_ACK__INIT;
+	Kbridge__V1__RecordResult *r = xcalloc(req->n_records, sizeof(*r));
+	Kbridge__V1__RecordResult **rp = xcalloc(req->n_records, sizeof(*rp));
+
+	for (size_t i = 0; i < req->n_records; i++) {
+		kbridge__v1__record_result__init(&r[i]);
+		r[i].partition = req->results[i].partition;
+		r[i].offset = req->results[i].offset;
+		r[i].code = req->results[i].code;
+		if (req->results[i].error)
+			r[i].error = req->results[i].error;
+		rp[i] = &r[i];
+	}
+	ack.sequence = req->index;
+	ack.n_results = req->n_records;
+	ack.results = rp;
+	grpc_byte_buffer *bb = codec_encode(&ack.base);
+	free(rp);
+	free(r);
+	return bb;
+}
+
+/* Takes the oldest settled request off the ack queue, encoded; the request is freed. */
+static grpc_byte_buffer *pop_ack(struct pub_call *pc)
+{
+	struct pub_req *req = pc->ack_head;
+	pc->ack_head = req->next;
+	if (!pc->ack_head)
+		pc->ack_tail = NULL;
+	grpc_byte_buffer *bb = encode_ack(req);
+	req_free(req);
+	pc->refs--;
+	return bb;
+}
+
 static void send_final(struct pub_call *pc)
 {
 	grpc_op ops[3];
 	size_t n = 0;
 
 	memset(ops, 0, sizeof(ops));
-	ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-	if (pc->code == GRPC_STATUS_OK) {
+	if (!pc->md_sent) {
+		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+		pc->md_sent = true;
+	}
+	if (pc->mode == MODE_PUBLISH && pc->code == GRPC_STATUS_OK) {
 		Kbridge__V1__PublishResponse resp = KBRIDGE__V1__PUBLISH_RESPONSE__INIT;
 		Kbridge__V1__PartitionRange *r = xcalloc(pc->n_ranges, sizeof(*r));
 		Kbridge__V1__PartitionRange **rp = xcalloc(pc->n_ranges, sizeof(*rp));
@@ -180,47 +260,93 @@ static void send_final(struct pub_call *pc)
 		free(r);
 		ops[n].op = GRPC_OP_SEND_MESSAGE;
 		ops[n++].data.send_message.send_message = pc->send_bb;
+	} else if (pc->mode == MODE_PRODUCE && pc->ack_head) {
+		pc->send_bb = pop_ack(pc);
+		ops[n].op = GRPC_OP_SEND_MESSAGE;
+		ops[n++].data.send_message.send_message = pc->send_bb;
 	}
-	snprintf(pc->durable_text, sizeof(pc->durable_text), "%" PRIu64, pc->durable);
-	pc->trailer.key = grpc_slice_from_static_string("kbridge-durable-requests");
-	pc->trailer.value = grpc_slice_from_static_string(pc->durable_text);
 	pc->details = grpc_slice_from_copied_string(pc->error ? pc->error : "");
 	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
 	ops[n].data.send_status_from_server.status = pc->code;
 	ops[n].data.send_status_from_server.status_details = &pc->details;
-	ops[n].data.send_status_from_server.trailing_metadata_count = 1;
-	ops[n++].data.send_status_from_server.trailing_metadata = &pc->trailer;
+	if (pc->mode == MODE_PUBLISH) {
+		snprintf(pc->durable_text, sizeof(pc->durable_text), "%" PRIu64, pc->durable);
+		pc->trailer.key = grpc_slice_from_static_string("kbridge-durable-requests");
+		pc->trailer.value = grpc_slice_from_static_string(pc->durable_text);
+		ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+		ops[n].data.send_status_from_server.trailing_metadata = &pc->trailer;
+	}
+	n++;
 	pc->final_sent = true;
 	set_state(pc, PUB_FINISHING);
-	if (pc->code != GRPC_STATUS_OK)
+	if (pc->code != GRPC_STATUS_OK && pc->mode == MODE_PUBLISH)
 		log_info("publish %p ends with %s: %s (%" PRIu64 " leading requests durable)",
 			 (void *)pc, status_name(pc->code), pc->error, pc->durable);
+	else if (pc->code != GRPC_STATUS_OK)
+		log_info("publish %p ends with %s: %s", (void *)pc, status_name(pc->code), pc->error);
 	start_batch(pc, ops, n, &pc->t_final);
 }
 
-/* Sends the response or status once nothing is in flight. Under pc->lock. */
+/* PublishStream: sends the next ack when none is on its way. Under pc->lock. */
+static void pump_acks(struct pub_call *pc)
+{
+	grpc_op ops[2];
+	size_t n = 0;
+
+	if (pc->mode != MODE_STREAM || pc->send_busy || pc->closed || pc->final_sent || !pc->ack_head)
+		return;
+	memset(ops, 0, sizeof(ops));
+	if (!pc->md_sent) {
+		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+		pc->md_sent = true;
+	}
+	pc->ack_bb = pop_ack(pc);
+	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	ops[n].data.send_message.send_message = pc->ack_bb;
+	/* Let gRPC coalesce writes while more acks wait behind this one; the last one
+	 * (unhinted) flushes them. Never hint the batch that carries initial metadata. */
+	if (n == 0 && pc->ack_head)
+		ops[n].flags = GRPC_WRITE_BUFFER_HINT;
+	n++;
+	pc->send_busy = true;
+	start_batch(pc, ops, n, &pc->t_send);
+}
+
+/* Sends the final batch once nothing is in flight and (ack modes) every ack went out.
+ * Under pc->lock. */
 static void maybe_finish(struct pub_call *pc)
 {
-	if (pc->closed || pc->final_sent || pc->inflight)
+	if (pc->closed || pc->final_sent || pc->inflight || pc->send_busy)
+		return;
+	if (pc->mode == MODE_STREAM && pc->ack_head)
 		return;
 	if (pc->state == PUB_HALF_CLOSED || pc->state == PUB_FAILING)
 		send_final(pc);
 }
 
-static void req_free(struct pub_req *req)
-{
-	if (req->msg)
-		protobuf_c_message_free_unpacked(&req->msg->base, NULL);
-	free(req);
-}
-
-/* Every record of req has been reported: retire what leads the list. Under pc->lock. */
+/* Every record of req is settled. Publish: retire what leads the list, counting the
+ * durable prefix. Ack modes: queue its ack. Under pc->lock. */
 static void req_done(struct pub_call *pc, struct pub_req *req)
 {
 	req->done = true;
 	/* librdkafka no longer reads the record bytes: free them now, not at the end. */
 	protobuf_c_message_free_unpacked(&req->msg->base, NULL);
 	req->msg = NULL;
+	if (pc->mode != MODE_PUBLISH && pc->closed) {
+		req_free(req); /* the client is gone: no ack to send */
+		pc->refs--;
+		return;
+	}
+	if (pc->mode != MODE_PUBLISH) {
+		req->next = NULL;
+		if (pc->ack_tail)
+			pc->ack_tail->next = req;
+		else
+			pc->ack_head = req;
+		pc->ack_tail = req;
+		pump_acks(pc);
+		return;
+	}
 	while (pc->oldest && pc->oldest->done) {
 		struct pub_req *r = pc->oldest;
 		if (r->failed)
@@ -289,7 +415,7 @@ static void unlock_maybe_free(struct pub_call *pc)
 		destroy(pc);
 }
 
-void publish_handle(struct incoming *in)
+static struct pub_call *call_new(struct incoming *in, enum pub_mode mode)
 {
 	struct pub_call *pc = xcalloc(1, sizeof(*pc));
 	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
@@ -297,6 +423,8 @@ void publish_handle(struct incoming *in)
 	pc->t_recv.done = recv_done;
 	pc->t_close.done = close_done;
 	pc->t_final.done = final_done;
+	pc->t_send.done = send_done;
+	pc->mode = mode;
 	pc->call = in->call;
 	pc->md = in->md;
 	pthread_mutex_init(&pc->lock, NULL);
@@ -310,17 +438,51 @@ void publish_handle(struct incoming *in)
 	registry = pc;
 	pthread_mutex_unlock(&registry_lock);
 
-	log_debug("publish %p: new call", (void *)pc);
+	log_debug("publish %p: new call (%s)", (void *)pc,
+		  mode == MODE_PUBLISH ? "Publish" : mode == MODE_STREAM ? "PublishStream" : "Produce");
 	pthread_mutex_lock(&pc->lock);
 	/* RECV_CLOSE_ON_SERVER alone: it completes when the call ends, cancelled or not. */
 	op.data.recv_close_on_server.cancelled = &pc->cancelled;
 	start_batch(pc, &op, 1, &pc->t_close);
+	return pc; /* locked */
+}
+
+static void handle_streaming(struct incoming *in, enum pub_mode mode)
+{
+	struct pub_call *pc = call_new(in, mode);
+
 	if (server_draining())
 		fail(pc, GRPC_STATUS_UNAVAILABLE, xstrdup("kbridged is shutting down; publish to another instance"));
 	else
 		start_recv(pc);
 	maybe_finish(pc);
 	pthread_mutex_unlock(&pc->lock);
+}
+
+void publish_handle(struct incoming *in)
+{
+	handle_streaming(in, MODE_PUBLISH);
+}
+
+void publish_handle_stream(struct incoming *in)
+{
+	handle_streaming(in, MODE_STREAM);
+}
+
+void publish_handle_produce(struct incoming *in)
+{
+	struct pub_call *pc = call_new(in, MODE_PRODUCE);
+	grpc_byte_buffer *bb = in->payload; /* NULL: an empty request */
+
+	in->payload = NULL;
+	pc->next_index = 1;
+	set_state(pc, PUB_HALF_CLOSED); /* its one request is all there is */
+	pc->refs++;                     /* held while the request is processed unlocked */
+	pthread_mutex_unlock(&pc->lock);
+	process_request(pc, bb, 0);
+	pthread_mutex_lock(&pc->lock);
+	maybe_finish(pc);
+	unref_unlock(pc);
 }
 
 static bool topic_name_ok(const char *t)
@@ -337,48 +499,68 @@ static bool topic_name_ok(const char *t)
 	return true;
 }
 
+grpc_status_code publish_validate_record(const Kbridge__V1__Record *r, uint64_t req_index,
+					 size_t rec_index, size_t max_record_bytes, char *msg, size_t msgsize)
+{
+	size_t bytes = r->key.len + r->value.len;
+
+	for (size_t h = 0; h < r->n_headers; h++)
+		bytes += strlen(r->headers[h]->key) + r->headers[h]->value.len;
+	if (!r->topic[0]) {
+		snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: the topic is empty", req_index,
+			 rec_index);
+	} else if (!topic_name_ok(r->topic)) {
+		snprintf(msg, msgsize,
+			 "request %" PRIu64 ", record %zu: \"%.64s\" is not a valid Kafka topic name "
+			 "(1 to 249 of a-z A-Z 0-9 . _ -)", req_index, rec_index, r->topic);
+	} else if (r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION && r->partition < 0) {
+		snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: partition %d is negative",
+			 req_index, rec_index, r->partition);
+	} else if (r->timestamp_ms < 0) {
+		snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: timestamp_ms %" PRId64
+			 " is negative (0 means now)", req_index, rec_index, r->timestamp_ms);
+	} else if (bytes > max_record_bytes) {
+		snprintf(msg, msgsize,
+			 "request %" PRIu64 ", record %zu: key, value and headers are %zu bytes, "
+			 "over publish.max_record_bytes (%zu)", req_index, rec_index, bytes, max_record_bytes);
+	} else {
+		return GRPC_STATUS_OK;
+	}
+	return GRPC_STATUS_INVALID_ARGUMENT;
+}
+
 grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64_t req_index,
 				  size_t max_record_bytes, char *msg, size_t msgsize)
 {
 	for (size_t i = 0; i < req->n_records; i++) {
-		const Kbridge__V1__Record *r = req->records[i];
-		size_t bytes = r->key.len + r->value.len;
-
-		for (size_t h = 0; h < r->n_headers; h++)
-			bytes += strlen(r->headers[h]->key) + r->headers[h]->value.len;
-		if (!r->topic[0]) {
-			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: the topic is empty",
-				 req_index, i);
-		} else if (!topic_name_ok(r->topic)) {
-			snprintf(msg, msgsize,
-				 "request %" PRIu64 ", record %zu: \"%.64s\" is not a valid Kafka topic name "
-				 "(1 to 249 of a-z A-Z 0-9 . _ -)", req_index, i, r->topic);
-		} else if (r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION && r->partition < 0) {
-			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: partition %d is negative",
-				 req_index, i, r->partition);
-		} else if (r->timestamp_ms < 0) {
-			snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: timestamp_ms %" PRId64
-				 " is negative (0 means now)", req_index, i, r->timestamp_ms);
-		} else if (bytes > max_record_bytes) {
-			snprintf(msg, msgsize,
-				 "request %" PRIu64 ", record %zu: key, value and headers are %zu bytes, "
-				 "over publish.max_record_bytes (%zu)", req_index, i, bytes, max_record_bytes);
-		} else {
-			continue;
-		}
-		return GRPC_STATUS_INVALID_ARGUMENT;
+		grpc_status_code code = publish_validate_record(req->records[i], req_index, i,
+								max_record_bytes, msg, msgsize);
+		if (code != GRPC_STATUS_OK)
+			return code;
 	}
 	return GRPC_STATUS_OK;
 }
 
-/* Validates and produces one request. Runs without pc->lock (see the top of the file). */
+static grpc_status_code produce_status(rd_kafka_resp_err_t err)
+{
+	/* librdkafka knows the partition count: an explicit partition beyond it is the
+	 * caller's mistake, not Kafka's. */
+	return err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ? GRPC_STATUS_INVALID_ARGUMENT
+							   : status_from_kafka(err);
+}
+
+/* Validates and produces one request. Runs without pc->lock (see the top of the file).
+ * Publish: a bad record fails the call and nothing of its request is produced. Ack modes:
+ * a bad record gets its own result and the others are produced. */
 static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index)
 {
 	Kbridge__V1__PublishRequest *msg =
 		(Kbridge__V1__PublishRequest *)codec_decode(&kbridge__v1__publish_request__descriptor, bb);
-	grpc_byte_buffer_destroy(bb);
+	bool acks = pc->mode != MODE_PUBLISH;
 	char err[512];
 
+	if (bb)
+		grpc_byte_buffer_destroy(bb);
 	if (!msg) {
 		pthread_mutex_lock(&pc->lock);
 		fail(pc, GRPC_STATUS_INVALID_ARGUMENT,
@@ -386,7 +568,8 @@ static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t 
 		pthread_mutex_unlock(&pc->lock);
 		return;
 	}
-	if (publish_validate(msg, index, conf->publish_max_record_bytes, err, sizeof(err)) != GRPC_STATUS_OK) {
+	if (!acks &&
+	    publish_validate(msg, index, conf->publish_max_record_bytes, err, sizeof(err)) != GRPC_STATUS_OK) {
 		protobuf_c_message_free_unpacked(&msg->base, NULL);
 		pthread_mutex_lock(&pc->lock);
 		fail(pc, GRPC_STATUS_INVALID_ARGUMENT, xstrdup(err));
@@ -399,44 +582,65 @@ static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t 
 	req->pc = pc;
 	req->msg = msg;
 	req->index = index;
+	req->n_records = n;
 	req->pending = n;
 	req->failed = req->done = false;
 	req->next = NULL;
+	req->results = acks ? xcalloc(n, sizeof(*req->results)) : NULL;
 	for (size_t i = 0; i < n; i++)
 		req->slot[i] = req;
 
 	pthread_mutex_lock(&pc->lock);
-	if (pc->newest)
-		pc->newest->next = req;
-	else
-		pc->oldest = req;
-	pc->newest = req;
+	if (!acks) {
+		if (pc->newest)
+			pc->newest->next = req;
+		else
+			pc->oldest = req;
+		pc->newest = req;
+	}
 	pc->inflight += n;
 	pc->refs++;
 	pthread_mutex_unlock(&pc->lock);
 
-	size_t i;
-	rd_kafka_resp_err_t kerr = RD_KAFKA_RESP_ERR_NO_ERROR;
-	for (i = 0; i < n; i++) {
-		kerr = producer_send(msg->records[i], &req->slot[i]);
-		if (kerr)
-			break;
+	/* Results of records that are not handed over are written here, before any report
+	 * of this request can settle it. */
+	size_t handed = 0;
+	for (size_t i = 0; i < n; i++) {
+		const Kbridge__V1__Record *r = msg->records[i];
+		if (acks) {
+			grpc_status_code code = publish_validate_record(
+				r, index, i, conf->publish_max_record_bytes, err, sizeof(err));
+			if (code != GRPC_STATUS_OK) {
+				req->results[i] = (struct pub_result){-1, -1, code, xstrdup(err)};
+				continue;
+			}
+		}
+		rd_kafka_resp_err_t kerr = producer_send(r, &req->slot[i]);
+		if (!kerr) {
+			handed++;
+			continue;
+		}
+		char *why = kerr == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION
+				    ? xasprintf("request %" PRIu64 ", record %zu: topic %s has no partition %" PRId32,
+						index, i, r->topic, r->partition)
+				    : xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", index, i,
+						r->topic, rd_kafka_err2str(kerr));
+		if (acks) {
+			req->results[i] = (struct pub_result){-1, -1, produce_status(kerr), why};
+			continue;
+		}
+		pthread_mutex_lock(&pc->lock);
+		req->failed = true;
+		fail(pc, produce_status(kerr), why);
+		pthread_mutex_unlock(&pc->lock);
+		break;
 	}
 
-	pthread_mutex_lock(&pc->lock);
-	if (kerr) {
-		const Kbridge__V1__Record *r = msg->records[i];
-		grpc_status_code code = kerr == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION
-						? GRPC_STATUS_INVALID_ARGUMENT
-						: status_from_kafka(kerr);
-		req->failed = true;
-		fail(pc, code, xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", index, i,
-					 r->topic, rd_kafka_err2str(kerr)));
-	}
 	/* Settles what was never handed over, and an empty request. When every record was
 	 * handed over, their reports settle req (it may be freed already). */
-	if (i < n || n == 0)
-		req_settle(pc, req, n - i);
+	pthread_mutex_lock(&pc->lock);
+	if (handed < n || n == 0)
+		req_settle(pc, req, n - handed);
 	pthread_mutex_unlock(&pc->lock);
 }
 
@@ -488,7 +692,23 @@ static void close_done(struct tag *t, bool ok)
 		log_info("publish %p: the client cancelled or went away after %" PRIu64
 			 " requests; %zu records in flight will still be delivered",
 			 (void *)pc, pc->next_index, pc->inflight);
+	/* Acks nobody will read. Requests still in flight come here when settled. */
+	while (pc->ack_head)
+		grpc_byte_buffer_destroy(pop_ack(pc));
 	set_state(pc, PUB_DONE);
+	unref_unlock(pc);
+}
+
+static void send_done(struct tag *t, bool ok)
+{
+	struct pub_call *pc = container_of(t, struct pub_call, t_send);
+
+	pthread_mutex_lock(&pc->lock);
+	pc->send_busy = false;
+	grpc_byte_buffer_destroy(pc->ack_bb);
+	pc->ack_bb = NULL;
+	pump_acks(pc);
+	maybe_finish(pc);
 	unref_unlock(pc);
 }
 
@@ -525,13 +745,23 @@ void publish_on_delivery(const rd_kafka_message_t *m)
 	struct pub_req **slot = m->_private;
 	struct pub_req *req = *slot;
 	struct pub_call *pc = req->pc;
+	size_t index = slot - req->slot;
 
 	pthread_mutex_lock(&pc->lock);
-	if (m->err) {
+	if (req->results) {
+		struct pub_result *res = &req->results[index];
+		res->partition = m->partition;
+		res->offset = m->err ? -1 : m->offset;
+		res->code = status_from_kafka(m->err);
+		if (m->err)
+			res->error = xasprintf("topic %s partition %" PRId32 ": not delivered to Kafka: %s",
+					       rd_kafka_topic_name(m->rkt), m->partition,
+					       rd_kafka_err2str(m->err));
+	} else if (m->err) {
 		req->failed = true;
 		fail(pc, status_from_kafka(m->err),
-		     xasprintf("request %" PRIu64 ", record %td: topic %s partition %" PRId32
-			       ": not delivered to Kafka: %s", req->index, slot - req->slot,
+		     xasprintf("request %" PRIu64 ", record %zu: topic %s partition %" PRId32
+			       ": not delivered to Kafka: %s", req->index, index,
 			       rd_kafka_topic_name(m->rkt), m->partition, rd_kafka_err2str(m->err)));
 	} else {
 		struct pub_range *r = range_for(pc, rd_kafka_topic_name(m->rkt), m->partition);

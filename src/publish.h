@@ -1,4 +1,5 @@
-/* publish: the Publish RPC (client streaming) — records in, acknowledged once Kafka has them.
+/* publish: Publish (client streaming), PublishStream (bidi) and Produce (unary) — records
+ * in, acknowledged once Kafka has them.
  *
  * Threads and locks: publish_handle and batch completions run on completion-queue threads;
  * publish_on_delivery runs on the producer's poll thread; publish_drain on the main thread.
@@ -19,8 +20,11 @@
 
 /* Takes the limits it enforces from c (kept by reference: c must outlive the module). */
 void publish_init(const struct conf *c);
-/* Serves a new Publish call; takes ownership of everything in in. */
+/* Serve a new Publish, PublishStream or Produce call; each takes ownership of everything
+ * in in. */
 void publish_handle(struct incoming *in);
+void publish_handle_stream(struct incoming *in);
+void publish_handle_produce(struct incoming *in);
 /* Delivery-report callback for the producer (see producer_delivery_fn). */
 void publish_on_delivery(const rd_kafka_message_t *msg);
 /* Draining: every publish stream stops reading and ends, once its records in flight are
@@ -29,9 +33,12 @@ void publish_drain(void);
 /* Publish calls alive now (for status lines and tests). */
 size_t publish_active(void);
 
-/* Checks request number req_index before any of its records is produced. Returns
+/* Checks record rec_index of request req_index before it is produced. Returns
  * GRPC_STATUS_OK, or INVALID_ARGUMENT with a message naming the request and record
  * (indexes from 0) written to msg. */
+grpc_status_code publish_validate_record(const Kbridge__V1__Record *r, uint64_t req_index,
+					 size_t rec_index, size_t max_record_bytes, char *msg, size_t msgsize);
+/* The same for every record of req: the first problem found. */
 grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64_t req_index,
 				  size_t max_record_bytes, char *msg, size_t msgsize);
 

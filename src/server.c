@@ -19,25 +19,24 @@
 #include "publish.h"
 #include "server.h"
 #include "subscribe.h"
+#include "topics.h"
 #include "util.h"
 
 struct method {
 	const char *path;
 	grpc_server_register_method_payload_handling payload;
-	void (*handle)(struct incoming *in); /* NULL: answer UNIMPLEMENTED */
+	void (*handle)(struct incoming *in);
 	void *registered;
 };
-
-static void unimplemented(struct incoming *in);
 
 /* Client-streaming methods take PAYLOAD_NONE: with READ_INITIAL_BYTE_BUFFER the call
  * would only be handed over once the first message arrived. */
 static struct method methods[] = {
 	{"/kbridge.v1.Bridge/Publish", GRPC_SRM_PAYLOAD_NONE, publish_handle, NULL},
-	{"/kbridge.v1.Bridge/PublishStream", GRPC_SRM_PAYLOAD_NONE, unimplemented, NULL},
-	{"/kbridge.v1.Bridge/Produce", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, unimplemented, NULL},
+	{"/kbridge.v1.Bridge/PublishStream", GRPC_SRM_PAYLOAD_NONE, publish_handle_stream, NULL},
+	{"/kbridge.v1.Bridge/Produce", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, publish_handle_produce, NULL},
 	{"/kbridge.v1.Bridge/Subscribe", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, subscribe_handle, NULL},
-	{"/kbridge.v1.Bridge/ListTopics", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, unimplemented, NULL},
+	{"/kbridge.v1.Bridge/ListTopics", GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, topics_handle, NULL},
 };
 
 /* An outstanding grpc_server_request_*call: a method's (method != NULL) or the generic one. */
@@ -124,15 +123,6 @@ static void request_done(struct tag *tag, bool ok)
 		gpr_free(path);
 	}
 	request_free(r);
-}
-
-static void unimplemented(struct incoming *in)
-{
-	if (in->payload) {
-		grpc_byte_buffer_destroy(in->payload);
-		in->payload = NULL;
-	}
-	server_reject(in, GRPC_STATUS_UNIMPLEMENTED, "this method is not implemented by this version of kbridged");
 }
 
 /* A call answered with a status at once. */
