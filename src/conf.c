@@ -19,6 +19,7 @@
 
 enum conf_type {
 	CT_INT,
+	CT_BOOL,
 	CT_STRING,
 	CT_ADDRESSES,   /* list of "host:port" / "unix:/path" */
 	CT_LOG_LEVEL,
@@ -46,6 +47,10 @@ static const struct setting settings[] = {
 	{"publish.max_request_bytes", CT_INT, F(publish_max_request_bytes), 4194304, 1024, 268435456, NULL},
 	{"publish.delivery_timeout_ms", CT_INT, F(publish_delivery_timeout_ms), 30000, 1000, 3600000, NULL},
 	{"publish.max_inflight_records", CT_INT, F(publish_max_inflight_records), 10000, 1, 1000000, NULL},
+	{"publish.max_inflight_bytes", CT_INT, F(publish_max_inflight_bytes), 16777216, 1024, 1073741824, NULL},
+	{"publish.max_inflight_bytes_total", CT_INT, F(publish_max_inflight_bytes_total), 268435456, 1024,
+	 2147483647, NULL},
+	{"publish.auto_create_topics", CT_BOOL, F(publish_auto_create_topics), 0, 0, 1, NULL},
 	{"subscribe.max_batch", CT_INT, F(subscribe_max_batch), 500, 1, 100000, NULL},
 	{"subscribe.buffer_records", CT_INT, F(subscribe_buffer_records), 10000, 1, 1000000, NULL},
 };
@@ -114,6 +119,9 @@ void conf_defaults(struct conf *c)
 		case CT_INT:
 		case CT_LOG_LEVEL:
 			*(int *)field = (int)st->idef;
+			break;
+		case CT_BOOL:
+			*(bool *)field = st->idef != 0;
 			break;
 		case CT_STRING:
 			*(char **)field = xstrdup(st->sdef);
@@ -256,6 +264,13 @@ static void load_setting(struct loader *ld, const struct setting *st, config_set
 		*(int *)field = (int)v;
 		return;
 	}
+	case CT_BOOL:
+		if (type != CONFIG_TYPE_BOOL) {
+			conf_err(ld, s, st->name, "expected true or false");
+			return;
+		}
+		*(bool *)field = config_setting_get_bool(s) != 0;
+		return;
 	case CT_STRING:
 		if (type != CONFIG_TYPE_STRING || !*config_setting_get_string(s)) {
 			conf_err(ld, s, st->name, "expected a non-empty string");

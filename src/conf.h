@@ -3,6 +3,7 @@
 #ifndef KB_CONF_H
 #define KB_CONF_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -28,6 +29,9 @@ struct conf {
 	int publish_max_request_bytes;
 	int publish_delivery_timeout_ms;
 	int publish_max_inflight_records;
+	int publish_max_inflight_bytes;
+	int publish_max_inflight_bytes_total;
+	bool publish_auto_create_topics;
 	int subscribe_max_batch;
 	int subscribe_buffer_records;
 };

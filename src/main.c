@@ -176,7 +176,7 @@ int main(int argc, char **argv)
 			 "NOTHING IS DURABLE — set kafka.brokers in %s to real brokers for production",
 			 brokers, path);
 	}
-	if (producer_init(&c, brokers, publish_on_delivery, errmsg, sizeof(errmsg)) < 0) {
+	if (producer_init(&c, brokers, publish_on_delivery, publish_on_room, errmsg, sizeof(errmsg)) < 0) {
 		log_error("cannot create the Kafka producer: %s", errmsg);
 		return 1;
 	}

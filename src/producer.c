@@ -21,7 +21,8 @@ static rd_kafka_t *rk;
 static pthread_t poll_thread;
 static atomic_bool poll_stop;
 static producer_delivery_fn *deliver;
-static int delivery_timeout_ms;
+static producer_room_fn *room;
+static atomic_bool room_wanted;
 
 static void dr_msg_cb(rd_kafka_t *k, const rd_kafka_message_t *msg, void *opaque)
 {
@@ -43,9 +44,19 @@ static void error_cb(rd_kafka_t *k, int err, const char *reason, void *opaque)
 
 static void *poll_main(void *arg)
 {
-	while (!atomic_load(&poll_stop))
+	while (!atomic_load(&poll_stop)) {
 		rd_kafka_poll(rk, 100);
+		/* Every poll, served reports or not: a waiter also needs to hear about
+		 * a drain that gave up on its records. */
+		if (atomic_exchange(&room_wanted, false))
+			room();
+	}
 	return NULL;
+}
+
+void producer_want_room(void)
+{
+	atomic_store(&room_wanted, true);
 }
 
 static int set(rd_kafka_conf_t *kc, const char *name, const char *value, char *errmsg, size_t errsize)
@@ -56,20 +67,24 @@ static int set(rd_kafka_conf_t *kc, const char *name, const char *value, char *e
 }
 
 int producer_init(const struct conf *c, const char *brokers, producer_delivery_fn *on_delivery,
-		  char *errmsg, size_t errsize)
+		  producer_room_fn *on_room, char *errmsg, size_t errsize)
 {
 	rd_kafka_conf_t *kc = rd_kafka_conf_new();
 	char num[32];
 	int rc = 0;
 
 	deliver = on_delivery;
-	delivery_timeout_ms = c->publish_delivery_timeout_ms;
+	room = on_room;
 	snprintf(num, sizeof(num), "%d", c->publish_delivery_timeout_ms);
 	rc |= set(kc, "bootstrap.servers", brokers, errmsg, errsize);
 	rc |= set(kc, "client.id", "kbridged", errmsg, errsize);
 	rc |= set(kc, "acks", "all", errmsg, errsize);
 	rc |= set(kc, "enable.idempotence", "true", errmsg, errsize);
 	rc |= set(kc, "delivery.timeout.ms", num, errmsg, errsize);
+	/* Without publish.auto_create_topics, neither our metadata lookups nor produced
+	 * records may make a broker create a topic. */
+	rc |= set(kc, "allow.auto.create.topics", c->publish_auto_create_topics ? "true" : "false",
+		  errmsg, errsize);
 	/* Room for the largest record we accept plus its framing. */
 	if (c->publish_max_record_bytes + 1024 > 1000000) {
 		snprintf(num, sizeof(num), "%d", c->publish_max_record_bytes + 1024);
@@ -115,11 +130,19 @@ rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int t
 	return rd_kafka_metadata(rk, 1, NULL, md, timeout_ms);
 }
 
+rd_kafka_resp_err_t producer_topic_metadata(const char *topic, const struct rd_kafka_metadata **md,
+					    int timeout_ms)
+{
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, md, timeout_ms);
+	rd_kafka_topic_destroy(rkt);
+	return err;
+}
+
 rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 {
 	rd_kafka_headers_t *hdrs = NULL;
 	rd_kafka_resp_err_t err;
-	int64_t give_up = 0;
 
 	if (r->n_headers) {
 		hdrs = rd_kafka_headers_new(r->n_headers);
@@ -127,28 +150,17 @@ rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 			rd_kafka_header_add(hdrs, r->headers[i]->key, -1, r->headers[i]->value.data,
 					    r->headers[i]->value.len);
 	}
-	for (;;) {
-		/* No RD_KAFKA_MSG_F_COPY: the caller keeps key and value alive until the
-		 * delivery report, which saves a copy of every record. */
-		err = rd_kafka_producev(
-			rk, RD_KAFKA_V_TOPIC(r->topic),
-			RD_KAFKA_V_PARTITION(r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION
-						     ? r->partition
-						     : RD_KAFKA_PARTITION_UA),
-			RD_KAFKA_V_KEY(r->key.len ? r->key.data : NULL, r->key.len),
-			RD_KAFKA_V_VALUE(r->value.len ? r->value.data : NULL, r->value.len),
-			RD_KAFKA_V_TIMESTAMP(r->timestamp_ms),
-			RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
-		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
-			break;
-		/* The queue is full: serve delivery reports until there is room (as kcat
-		 * does), never dropping the record and never failing it for load alone. */
-		if (!give_up)
-			give_up = now_ms() + delivery_timeout_ms;
-		else if (now_ms() > give_up)
-			break;
-		rd_kafka_poll(rk, 10);
-	}
+	/* No RD_KAFKA_MSG_F_COPY: the caller keeps key and value alive until the delivery
+	 * report, which saves a copy of every record. */
+	err = rd_kafka_producev(
+		rk, RD_KAFKA_V_TOPIC(r->topic),
+		RD_KAFKA_V_PARTITION(r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION
+					     ? r->partition
+					     : RD_KAFKA_PARTITION_UA),
+		RD_KAFKA_V_KEY(r->key.len ? r->key.data : NULL, r->key.len),
+		RD_KAFKA_V_VALUE(r->value.len ? r->value.data : NULL, r->value.len),
+		RD_KAFKA_V_TIMESTAMP(r->timestamp_ms), RD_KAFKA_V_HEADERS(hdrs),
+		RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
 	if (err && hdrs)
 		rd_kafka_headers_destroy(hdrs); /* on success the message owns them */
 	return err;

@@ -15,18 +15,27 @@
 /* Called on the poll thread for every delivery report; msg->_private is the opaque given to
  * producer_send. */
 typedef void producer_delivery_fn(const rd_kafka_message_t *msg);
+/* Called on the poll thread after delivery reports were served while someone waits for
+ * room in the producer's queue (see producer_want_room). */
+typedef void producer_room_fn(void);
 
 /* Creates the producer for brokers (a bootstrap list). Returns 0, or -1 with errmsg. */
 int producer_init(const struct conf *c, const char *brokers, producer_delivery_fn *on_delivery,
-		  char *errmsg, size_t errsize);
+		  producer_room_fn *on_room, char *errmsg, size_t errsize);
+/* Asks for on_room to be called after the next delivery reports (the queue was full). */
+void producer_want_room(void);
 /* Waits up to timeout_ms for the cluster to answer a metadata request: 0 when it did. */
 int producer_wait_ready(int timeout_ms);
 /* Reads the cluster's metadata for every topic (rd_kafka_metadata): blocking, so never on
  * a completion-queue thread. The caller frees *md with rd_kafka_metadata_destroy. */
 rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int timeout_ms);
+/* Reads the metadata of one topic (blocking). The caller frees *md. */
+rd_kafka_resp_err_t producer_topic_metadata(const char *topic, const struct rd_kafka_metadata **md,
+					    int timeout_ms);
 /* Hands one record to librdkafka without copying key and value: they must stay valid until
- * the delivery report. A full queue is waited out (serving delivery reports) up to the
- * delivery timeout. Returns the librdkafka error; on error no delivery report will come. */
+ * the delivery report. Never blocks: a full queue returns RD_KAFKA_RESP_ERR__QUEUE_FULL
+ * (call producer_want_room and try again from on_room). Returns the librdkafka error; on
+ * error no delivery report will come. */
 rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque);
 /* Waits up to timeout_ms for every queued record's delivery report; returns how many are
  * still outstanding. */

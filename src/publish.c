@@ -34,6 +34,7 @@
 #include "producer.h"
 #include "publish.h"
 #include "status.h"
+#include "topics.h"
 #include "util.h"
 
 enum pub_state {
@@ -79,6 +80,9 @@ struct pub_req {
 	size_t pending; /* records handed over whose reports are not in */
 	bool failed, done;
 	size_t n_records;
+	size_t bytes;              /* size of the request message, counted while in flight */
+	size_t cursor;             /* next record to hand to Kafka (a full queue parks here) */
+	size_t handed;             /* records handed to Kafka */
 	struct pub_req *next;      /* the in-order list (Publish) or the ack queue (others) */
 	struct pub_result *results; /* one per record in the ack modes, else NULL */
 	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
@@ -102,7 +106,11 @@ struct pub_call {
 	struct pub_req *oldest, *newest; /* Publish: requests not yet retired, in order */
 	struct pub_req *ack_head, *ack_tail; /* ack modes: settled requests to acknowledge */
 	grpc_byte_buffer *ack_bb;        /* the ack being sent */
-	size_t inflight;        /* records handed to Kafka whose reports are not in */
+	size_t inflight;        /* records of requests being produced, reports not all in */
+	size_t inflight_bytes;  /* bytes of those requests */
+	struct pub_req *parked; /* a request waiting for room in the producer's queue */
+	bool waiting;           /* on the waiters list (holds a reference) */
+	struct pub_call *wait_next;
 	uint64_t records_ok;
 	struct pub_range *ranges;
 	size_t n_ranges;
@@ -122,12 +130,20 @@ static const struct conf *conf;
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct pub_call *registry;
 static atomic_size_t n_active;
+static atomic_size_t total_bytes; /* inflight_bytes of every call */
+/* Calls waiting for room: in the producer's queue (a parked request) or under
+ * publish.max_inflight_bytes_total. The producer's poll thread wakes them (publish_on_room);
+ * wait_lock is taken under a call's lock, never the other way round. */
+static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct pub_call *waiters;
 
 static void recv_done(struct tag *t, bool ok);
 static void close_done(struct tag *t, bool ok);
 static void final_done(struct tag *t, bool ok);
 static void send_done(struct tag *t, bool ok);
-static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index);
+static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index);
+static void produce_request(struct pub_call *pc, struct pub_req *req);
+static void maybe_read(struct pub_call *pc);
 
 void publish_init(const struct conf *c)
 {
@@ -332,6 +348,8 @@ static void req_done(struct pub_call *pc, struct pub_req *req)
 	/* librdkafka no longer reads the record bytes: free them now, not at the end. */
 	protobuf_c_message_free_unpacked(&req->msg->base, NULL);
 	req->msg = NULL;
+	pc->inflight_bytes -= req->bytes;
+	atomic_fetch_sub(&total_bytes, req->bytes);
 	if (pc->mode != MODE_PUBLISH && pc->closed) {
 		req_free(req); /* the client is gone: no ack to send */
 		pc->refs--;
@@ -368,11 +386,44 @@ static void req_settle(struct pub_call *pc, struct pub_req *req, size_t count)
 	pc->inflight -= count;
 	if (req->pending == 0)
 		req_done(pc, req);
-	if (pc->state == PUB_PAUSED && pc->inflight < (size_t)conf->publish_max_inflight_records &&
-	    !pc->closed) {
-		set_state(pc, PUB_READING);
-		start_recv(pc);
+	if (pc->state == PUB_PAUSED)
+		maybe_read(pc);
+}
+
+/* Puts pc on the waiters list, which the producer's poll thread serves. Under pc->lock. */
+static void wait_add(struct pub_call *pc)
+{
+	if (pc->waiting)
+		return;
+	pc->waiting = true;
+	pc->refs++;
+	pthread_mutex_lock(&wait_lock);
+	pc->wait_next = waiters;
+	waiters = pc;
+	pthread_mutex_unlock(&wait_lock);
+	producer_want_room();
+}
+
+/* Reads the next request if the stream is reading and under every limit; otherwise pauses
+ * it (its own delivery reports, or the waiters list for the daemon-wide limit, resume it).
+ * Under pc->lock. */
+static void maybe_read(struct pub_call *pc)
+{
+	if ((pc->state != PUB_READING && pc->state != PUB_PAUSED) || pc->closed || pc->recv_busy ||
+	    pc->parked)
+		return;
+	if (pc->inflight >= (size_t)conf->publish_max_inflight_records ||
+	    pc->inflight_bytes >= (size_t)conf->publish_max_inflight_bytes) {
+		set_state(pc, PUB_PAUSED);
+		return;
 	}
+	if (atomic_load(&total_bytes) >= (size_t)conf->publish_max_inflight_bytes_total) {
+		set_state(pc, PUB_PAUSED);
+		wait_add(pc);
+		return;
+	}
+	set_state(pc, PUB_READING);
+	start_recv(pc);
 }
 
 static void destroy(struct pub_call *pc)
@@ -454,7 +505,7 @@ static void handle_streaming(struct incoming *in, enum pub_mode mode)
 	if (server_draining())
 		fail(pc, GRPC_STATUS_UNAVAILABLE, xstrdup("kbridged is shutting down; publish to another instance"));
 	else
-		start_recv(pc);
+		maybe_read(pc);
 	maybe_finish(pc);
 	pthread_mutex_unlock(&pc->lock);
 }
@@ -479,7 +530,9 @@ void publish_handle_produce(struct incoming *in)
 	set_state(pc, PUB_HALF_CLOSED); /* its one request is all there is */
 	pc->refs++;                     /* held while the request is processed unlocked */
 	pthread_mutex_unlock(&pc->lock);
-	process_request(pc, bb, 0);
+	struct pub_req *req = start_request(pc, bb, 0);
+	if (req)
+		produce_request(pc, req);
 	pthread_mutex_lock(&pc->lock);
 	maybe_finish(pc);
 	unref_unlock(pc);
@@ -541,22 +594,46 @@ grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64
 	return GRPC_STATUS_OK;
 }
 
-static grpc_status_code produce_status(rd_kafka_resp_err_t err)
+/* Checks one record: its fields, then Kafka's view of its topic (cached per topic; the
+ * request's records mostly share one). */
+static grpc_status_code check_record(const Kbridge__V1__Record *r, uint64_t index, size_t i,
+				     const char **last_topic, int *last_parts, char *err, size_t errsize)
 {
-	/* librdkafka knows the partition count: an explicit partition beyond it is the
-	 * caller's mistake, not Kafka's. */
-	return err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ? GRPC_STATUS_INVALID_ARGUMENT
-							   : status_from_kafka(err);
+	grpc_status_code code = publish_validate_record(r, index, i, conf->publish_max_record_bytes, err,
+							 errsize);
+	if (code != GRPC_STATUS_OK)
+		return code;
+	if (!*last_topic || strcmp(*last_topic, r->topic) != 0) {
+		*last_topic = r->topic;
+		*last_parts = topics_partitions(r->topic);
+	}
+	if (*last_parts == 0 && !conf->publish_auto_create_topics) {
+		snprintf(err, errsize,
+			 "request %" PRIu64 ", record %zu: topic \"%s\" does not exist in Kafka (create it "
+			 "first, or set publish.auto_create_topics = true)", index, i, r->topic);
+		return GRPC_STATUS_NOT_FOUND;
+	}
+	if (*last_parts > 0 && r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION &&
+	    r->partition >= *last_parts) {
+		snprintf(err, errsize,
+			 "request %" PRIu64 ", record %zu: topic %s has %d partitions: there is no partition %" PRId32,
+			 index, i, r->topic, *last_parts, r->partition);
+		return GRPC_STATUS_INVALID_ARGUMENT;
+	}
+	return GRPC_STATUS_OK;
 }
 
-/* Validates and produces one request. Runs without pc->lock (see the top of the file).
- * Publish: a bad record fails the call and nothing of its request is produced. Ack modes:
- * a bad record gets its own result and the others are produced. */
-static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index)
+/* Decodes and checks a request and accounts for it. Publish: a bad record fails the call
+ * and nothing of its request is produced (NULL). Ack modes: a bad record gets its own
+ * result and the others go on. Runs without pc->lock (see the top of the file). */
+static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index)
 {
+	size_t bytes = codec_length(bb);
 	Kbridge__V1__PublishRequest *msg =
 		(Kbridge__V1__PublishRequest *)codec_decode(&kbridge__v1__publish_request__descriptor, bb);
 	bool acks = pc->mode != MODE_PUBLISH;
+	const char *last_topic = NULL;
+	int last_parts = -1;
 	char err[512];
 
 	if (bb)
@@ -566,29 +643,33 @@ static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t 
 		fail(pc, GRPC_STATUS_INVALID_ARGUMENT,
 		     xasprintf("request %" PRIu64 ": not a valid kbridge.v1.PublishRequest message", index));
 		pthread_mutex_unlock(&pc->lock);
-		return;
-	}
-	if (!acks &&
-	    publish_validate(msg, index, conf->publish_max_record_bytes, err, sizeof(err)) != GRPC_STATUS_OK) {
-		protobuf_c_message_free_unpacked(&msg->base, NULL);
-		pthread_mutex_lock(&pc->lock);
-		fail(pc, GRPC_STATUS_INVALID_ARGUMENT, xstrdup(err));
-		pthread_mutex_unlock(&pc->lock);
-		return;
+		return NULL;
 	}
 
 	size_t n = msg->n_records;
-	struct pub_req *req = xmalloc(sizeof(*req) + n * sizeof(req->slot[0]));
+	struct pub_req *req = xcalloc(1, sizeof(*req) + n * sizeof(req->slot[0]));
 	req->pc = pc;
 	req->msg = msg;
 	req->index = index;
 	req->n_records = n;
 	req->pending = n;
-	req->failed = req->done = false;
-	req->next = NULL;
+	req->bytes = bytes;
 	req->results = acks ? xcalloc(n, sizeof(*req->results)) : NULL;
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		req->slot[i] = req;
+		grpc_status_code code = check_record(msg->records[i], index, i, &last_topic, &last_parts,
+						     err, sizeof(err));
+		if (code == GRPC_STATUS_OK)
+			continue;
+		if (!acks) {
+			req_free(req);
+			pthread_mutex_lock(&pc->lock);
+			fail(pc, code, xstrdup(err));
+			pthread_mutex_unlock(&pc->lock);
+			return NULL;
+		}
+		req->results[i] = (struct pub_result){-1, -1, code, xstrdup(err)};
+	}
 
 	pthread_mutex_lock(&pc->lock);
 	if (!acks) {
@@ -599,31 +680,65 @@ static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t 
 		pc->newest = req;
 	}
 	pc->inflight += n;
+	pc->inflight_bytes += bytes;
+	atomic_fetch_add(&total_bytes, bytes);
 	pc->refs++;
 	pthread_mutex_unlock(&pc->lock);
+	return req;
+}
 
-	/* Results of records that are not handed over are written here, before any report
-	 * of this request can settle it. */
-	size_t handed = 0;
-	for (size_t i = 0; i < n; i++) {
+static grpc_status_code produce_status(rd_kafka_resp_err_t err)
+{
+	/* librdkafka knows the partition count: an explicit partition beyond it is the
+	 * caller's mistake, not Kafka's. */
+	return err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION ? GRPC_STATUS_INVALID_ARGUMENT
+							   : status_from_kafka(err);
+}
+
+/* Hands req's records to Kafka from its cursor on. A full producer queue parks req on
+ * the call (which then reads nothing) until the poll thread finds room. Runs without
+ * pc->lock, on one thread at a time for a request. */
+static void produce_request(struct pub_call *pc, struct pub_req *req)
+{
+	Kbridge__V1__PublishRequest *msg = req->msg;
+	size_t n = req->n_records;
+	bool acks = req->results != NULL;
+
+	pthread_mutex_lock(&pc->lock);
+	/* A stream that failed or is draining publishes nothing more. */
+	bool abandon = pc->closed || pc->state == PUB_FAILING;
+	pthread_mutex_unlock(&pc->lock);
+
+	for (size_t i = req->cursor; i < n; i++) {
 		const Kbridge__V1__Record *r = msg->records[i];
-		if (acks) {
-			grpc_status_code code = publish_validate_record(
-				r, index, i, conf->publish_max_record_bytes, err, sizeof(err));
-			if (code != GRPC_STATUS_OK) {
-				req->results[i] = (struct pub_result){-1, -1, code, xstrdup(err)};
-				continue;
-			}
+		if (acks && req->results[i].code != GRPC_STATUS_OK)
+			continue; /* refused by check_record */
+		if (abandon) {
+			if (acks)
+				req->results[i] = (struct pub_result){
+					-1, -1, GRPC_STATUS_UNAVAILABLE,
+					xasprintf("request %" PRIu64 ", record %zu: not published: the stream ended "
+						  "before Kafka had room for it", req->index, i)};
+			continue;
 		}
 		rd_kafka_resp_err_t kerr = producer_send(r, &req->slot[i]);
 		if (!kerr) {
-			handed++;
+			req->handed++;
 			continue;
+		}
+		if (kerr == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+			/* Pause, never drop or fail for load: the poll thread calls us again. */
+			req->cursor = i;
+			pthread_mutex_lock(&pc->lock);
+			pc->parked = req;
+			wait_add(pc);
+			pthread_mutex_unlock(&pc->lock);
+			return;
 		}
 		char *why = kerr == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION
 				    ? xasprintf("request %" PRIu64 ", record %zu: topic %s has no partition %" PRId32,
-						index, i, r->topic, r->partition)
-				    : xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", index, i,
+						req->index, i, r->topic, r->partition)
+				    : xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", req->index, i,
 						r->topic, rd_kafka_err2str(kerr));
 		if (acks) {
 			req->results[i] = (struct pub_result){-1, -1, produce_status(kerr), why};
@@ -638,10 +753,37 @@ static void process_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t 
 
 	/* Settles what was never handed over, and an empty request. When every record was
 	 * handed over, their reports settle req (it may be freed already). */
-	pthread_mutex_lock(&pc->lock);
-	if (handed < n || n == 0)
+	size_t handed = req->handed;
+	if (handed < n || n == 0) {
+		pthread_mutex_lock(&pc->lock);
 		req_settle(pc, req, n - handed);
-	pthread_mutex_unlock(&pc->lock);
+		pthread_mutex_unlock(&pc->lock);
+	}
+}
+
+void publish_on_room(void)
+{
+	pthread_mutex_lock(&wait_lock);
+	struct pub_call *list = waiters;
+	waiters = NULL;
+	pthread_mutex_unlock(&wait_lock);
+
+	while (list) {
+		struct pub_call *pc = list;
+		list = pc->wait_next;
+		pthread_mutex_lock(&pc->lock);
+		pc->waiting = false;
+		struct pub_req *req = pc->parked;
+		pc->parked = NULL;
+		if (req) {
+			pthread_mutex_unlock(&pc->lock);
+			produce_request(pc, req);
+			pthread_mutex_lock(&pc->lock);
+		}
+		maybe_read(pc);
+		maybe_finish(pc);
+		unref_unlock(pc);
+	}
 }
 
 static void recv_done(struct tag *t, bool ok)
@@ -669,15 +811,12 @@ static void recv_done(struct tag *t, bool ok)
 	uint64_t index = pc->next_index++;
 	pthread_mutex_unlock(&pc->lock);
 
-	process_request(pc, bb, index);
+	struct pub_req *req = start_request(pc, bb, index);
+	if (req)
+		produce_request(pc, req);
 
 	pthread_mutex_lock(&pc->lock);
-	if (pc->state == PUB_READING && !pc->closed) {
-		if (pc->inflight < (size_t)conf->publish_max_inflight_records)
-			start_recv(pc);
-		else
-			set_state(pc, PUB_PAUSED);
-	}
+	maybe_read(pc);
 	maybe_finish(pc);
 	unref_unlock(pc);
 }
@@ -747,6 +886,9 @@ void publish_on_delivery(const rd_kafka_message_t *m)
 	struct pub_call *pc = req->pc;
 	size_t index = slot - req->slot;
 
+	if (m->err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || m->err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC ||
+	    m->err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION)
+		topics_invalidate(rd_kafka_topic_name(m->rkt));
 	pthread_mutex_lock(&pc->lock);
 	if (req->results) {
 		struct pub_result *res = &req->results[index];

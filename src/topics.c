@@ -13,6 +13,21 @@
 /* How long an answer is served from the cache. */
 #define TOPICS_TTL_MS 2000
 #define METADATA_TIMEOUT_MS 10000
+/* The per-topic cache. */
+#define TOPIC_TTL_MS 30000
+#define MISSING_TOPIC_TTL_MS 1000
+#define LOOKUP_TIMEOUT_MS 5000
+#define BUCKETS 256
+
+struct topic_entry {
+	struct topic_entry *next;
+	int partitions; /* 0: the topic does not exist */
+	int64_t expires_ms;
+	char name[];
+};
+
+static pthread_rwlock_t table_lock = PTHREAD_RWLOCK_INITIALIZER;
+static struct topic_entry *table[BUCKETS];
 
 struct lt_call {
 	struct tag tag;
@@ -86,6 +101,74 @@ static grpc_byte_buffer *fetch(rd_kafka_resp_err_t *err)
 	cached_at = now_ms();
 	pthread_mutex_unlock(&cache_lock);
 	return bb;
+}
+
+static unsigned bucket(const char *name)
+{
+	unsigned h = 2166136261u; /* FNV-1a */
+	for (; *name; name++)
+		h = (h ^ (unsigned char)*name) * 16777619u;
+	return h % BUCKETS;
+}
+
+/* Under table_lock. */
+static struct topic_entry *find(const char *topic, unsigned b)
+{
+	for (struct topic_entry *e = table[b]; e; e = e->next)
+		if (strcmp(e->name, topic) == 0)
+			return e;
+	return NULL;
+}
+
+int topics_partitions(const char *topic)
+{
+	unsigned b = bucket(topic);
+	int partitions = -1;
+
+	pthread_rwlock_rdlock(&table_lock);
+	struct topic_entry *e = find(topic, b);
+	if (e && e->expires_ms > now_ms())
+		partitions = e->partitions;
+	pthread_rwlock_unlock(&table_lock);
+	if (partitions >= 0)
+		return partitions;
+
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_resp_err_t err = producer_topic_metadata(topic, &md, LOOKUP_TIMEOUT_MS);
+	if (!err && md->topic_cnt == 1)
+		err = md->topics[0].err;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		partitions = md->topics[0].partition_cnt;
+	else if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
+		partitions = 0;
+	if (md)
+		rd_kafka_metadata_destroy(md);
+	if (partitions < 0) {
+		log_warn("cannot read the metadata of topic %s from Kafka: %s", topic, rd_kafka_err2str(err));
+		return -1;
+	}
+
+	pthread_rwlock_wrlock(&table_lock);
+	e = find(topic, b);
+	if (!e) {
+		e = xmalloc(sizeof(*e) + strlen(topic) + 1);
+		strcpy(e->name, topic);
+		e->next = table[b];
+		table[b] = e;
+	}
+	e->partitions = partitions;
+	e->expires_ms = now_ms() + (partitions ? TOPIC_TTL_MS : MISSING_TOPIC_TTL_MS);
+	pthread_rwlock_unlock(&table_lock);
+	return partitions;
+}
+
+void topics_invalidate(const char *topic)
+{
+	pthread_rwlock_wrlock(&table_lock);
+	struct topic_entry *e = find(topic, bucket(topic));
+	if (e)
+		e->expires_ms = 0;
+	pthread_rwlock_unlock(&table_lock);
 }
 
 static void lt_done(struct tag *tag, bool ok)
@@ -197,4 +280,13 @@ void topics_shutdown(void)
 		grpc_byte_buffer_destroy(cached);
 	cached = NULL;
 	pthread_mutex_unlock(&cache_lock);
+
+	pthread_rwlock_wrlock(&table_lock);
+	for (unsigned b = 0; b < BUCKETS; b++)
+		while (table[b]) {
+			struct topic_entry *e = table[b];
+			table[b] = e->next;
+			free(e);
+		}
+	pthread_rwlock_unlock(&table_lock);
 }
