@@ -68,6 +68,10 @@ void log_rdkafka(const struct rd_kafka_s *rk, int level, const char *fac, const 
 {
 	if (level < 0 || level > 7)
 		level = LOG_INFO;
+	/* librdkafka logs its fatal errors as LOG_EMERG, which journald would broadcast to
+	 * every terminal: a Kafka client's trouble is an error of this daemon, no more. */
+	if (level < LOG_ERR)
+		level = LOG_ERR;
 	log_msg(level, "kafka: %s: %s: %s", rk ? rd_kafka_name(rk) : "-", fac, buf);
 }
 

@@ -18,6 +18,11 @@
 #include "util.h"
 
 static rd_kafka_t *rk;
+static pthread_rwlock_t rk_lock = PTHREAD_RWLOCK_INITIALIZER;
+static rd_kafka_conf_t *template; /* what every producer is built from */
+static rd_kafka_t *retired[8];    /* fatal producers still owing delivery reports */
+static int n_retired;
+static atomic_bool fatal_seen;
 static pthread_t poll_thread;
 static atomic_bool poll_stop;
 static producer_delivery_fn *deliver;
@@ -36,16 +41,69 @@ static void error_cb(rd_kafka_t *k, int err, const char *reason, void *opaque)
 	if (err == RD_KAFKA_RESP_ERR__FATAL) {
 		char buf[512];
 		rd_kafka_resp_err_t orig = rd_kafka_fatal_error(k, buf, sizeof(buf));
-		log_error("kafka producer: fatal error %s: %s", rd_kafka_err2name(orig), buf);
+		log_error("kafka producer: fatal error %s: %s; its records in flight fail with "
+			  "UNAVAILABLE and a new producer takes over", rd_kafka_err2name(orig), buf);
+		if (k == rk)
+			atomic_store(&fatal_seen, true);
 	} else {
 		log_warn("kafka producer: %s: %s", rd_kafka_err2name(err), reason);
+	}
+}
+
+/* Builds a producer from the template. Returns NULL with errmsg on failure. */
+static rd_kafka_t *build(char *errmsg, size_t errsize)
+{
+	rd_kafka_conf_t *kc = rd_kafka_conf_dup(template);
+	rd_kafka_t *k = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errmsg, errsize);
+	if (!k)
+		rd_kafka_conf_destroy(kc); /* rd_kafka_new takes it only on success */
+	return k;
+}
+
+/* Poll thread: replaces a producer that hit a fatal error. */
+static void rebuild(void)
+{
+	char errmsg[512];
+
+	if (n_retired == (int)ARRAY_SIZE(retired)) {
+		log_error("kafka producer: too many fatal errors in a row; not rebuilding yet");
+		return;
+	}
+	rd_kafka_t *fresh = build(errmsg, sizeof(errmsg));
+	if (!fresh) {
+		log_error("kafka producer: cannot build a new producer: %s; retrying", errmsg);
+		atomic_store(&fatal_seen, true);
+		return;
+	}
+	pthread_rwlock_wrlock(&rk_lock);
+	retired[n_retired++] = rk;
+	rk = fresh;
+	pthread_rwlock_unlock(&rk_lock);
+	log_notice("kafka producer: a new producer replaced the one that hit a fatal error");
+}
+
+/* Poll thread: serves the retired producers' last reports and destroys those done. */
+static void poll_retired(void)
+{
+	for (int i = 0; i < n_retired;) {
+		rd_kafka_poll(retired[i], 0);
+		if (rd_kafka_outq_len(retired[i]) > 0) {
+			i++;
+			continue;
+		}
+		rd_kafka_destroy(retired[i]);
+		retired[i] = retired[--n_retired];
 	}
 }
 
 static void *poll_main(void *arg)
 {
 	while (!atomic_load(&poll_stop)) {
-		rd_kafka_poll(rk, 100);
+		rd_kafka_poll(rk, 100); /* only this thread changes rk */
+		if (atomic_exchange(&fatal_seen, false))
+			rebuild();
+		if (n_retired)
+			poll_retired();
 		/* Every poll, served reports or not: a waiter also needs to hear about
 		 * a drain that gave up on its records. */
 		if (atomic_exchange(&room_wanted, false))
@@ -99,9 +157,11 @@ int producer_init(const struct conf *c, const char *brokers, producer_delivery_f
 	rd_kafka_conf_set_dr_msg_cb(kc, dr_msg_cb);
 	rd_kafka_conf_set_error_cb(kc, error_cb);
 	rd_kafka_conf_set_log_cb(kc, log_rdkafka);
-	rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errmsg, errsize);
+	template = kc;
+	rk = build(errmsg, errsize);
 	if (!rk) {
-		rd_kafka_conf_destroy(kc); /* rd_kafka_new takes it only on success */
+		rd_kafka_conf_destroy(template);
+		template = NULL;
 		return -1;
 	}
 	atomic_store(&poll_stop, false);
@@ -118,7 +178,10 @@ int producer_wait_ready(int timeout_ms)
 {
 	const struct rd_kafka_metadata *md;
 
-	if (rd_kafka_metadata(rk, 0, NULL, &md, timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	pthread_rwlock_rdlock(&rk_lock);
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, NULL, &md, timeout_ms);
+	pthread_rwlock_unlock(&rk_lock);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return -1;
 	int brokers = md->broker_cnt;
 	rd_kafka_metadata_destroy(md);
@@ -127,15 +190,20 @@ int producer_wait_ready(int timeout_ms)
 
 rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int timeout_ms)
 {
-	return rd_kafka_metadata(rk, 1, NULL, md, timeout_ms);
+	pthread_rwlock_rdlock(&rk_lock);
+	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 1, NULL, md, timeout_ms);
+	pthread_rwlock_unlock(&rk_lock);
+	return err;
 }
 
 rd_kafka_resp_err_t producer_topic_metadata(const char *topic, const struct rd_kafka_metadata **md,
 					    int timeout_ms)
 {
+	pthread_rwlock_rdlock(&rk_lock);
 	rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
 	rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, rkt, md, timeout_ms);
 	rd_kafka_topic_destroy(rkt);
+	pthread_rwlock_unlock(&rk_lock);
 	return err;
 }
 
@@ -152,6 +220,7 @@ rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 	}
 	/* No RD_KAFKA_MSG_F_COPY: the caller keeps key and value alive until the delivery
 	 * report, which saves a copy of every record. */
+	pthread_rwlock_rdlock(&rk_lock);
 	err = rd_kafka_producev(
 		rk, RD_KAFKA_V_TOPIC(r->topic),
 		RD_KAFKA_V_PARTITION(r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION
@@ -161,22 +230,30 @@ rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 		RD_KAFKA_V_VALUE(r->value.len ? r->value.data : NULL, r->value.len),
 		RD_KAFKA_V_TIMESTAMP(r->timestamp_ms), RD_KAFKA_V_HEADERS(hdrs),
 		RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
+	pthread_rwlock_unlock(&rk_lock);
 	if (err && hdrs)
 		rd_kafka_headers_destroy(hdrs); /* on success the message owns them */
 	return err;
 }
 
+/* The poll thread may swap rk and retire producers meanwhile: the main thread reads
+ * rk under the lock and counts retired producers' records through their own polls. */
 int producer_flush(int timeout_ms)
 {
+	pthread_rwlock_rdlock(&rk_lock);
 	rd_kafka_flush(rk, timeout_ms);
-	return rd_kafka_outq_len(rk);
+	int left = rd_kafka_outq_len(rk);
+	pthread_rwlock_unlock(&rk_lock);
+	return left;
 }
 
 void producer_purge(void)
 {
+	pthread_rwlock_rdlock(&rk_lock);
 	rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
 	/* Purged records get their (failed) delivery reports on the next polls. */
 	rd_kafka_flush(rk, 1000);
+	pthread_rwlock_unlock(&rk_lock);
 }
 
 void producer_shutdown(void)
@@ -185,6 +262,14 @@ void producer_shutdown(void)
 		return;
 	atomic_store(&poll_stop, true);
 	pthread_join(poll_thread, NULL);
+	for (int i = 0; i < n_retired; i++) {
+		rd_kafka_purge(retired[i], RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+		rd_kafka_flush(retired[i], 1000);
+		rd_kafka_destroy(retired[i]);
+	}
+	n_retired = 0;
 	rd_kafka_destroy(rk);
 	rk = NULL;
+	rd_kafka_conf_destroy(template);
+	template = NULL;
 }

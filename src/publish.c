@@ -726,8 +726,9 @@ static void produce_request(struct pub_call *pc, struct pub_req *req)
 			req->handed++;
 			continue;
 		}
-		if (kerr == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-			/* Pause, never drop or fail for load: the poll thread calls us again. */
+		if (kerr == RD_KAFKA_RESP_ERR__QUEUE_FULL || kerr == RD_KAFKA_RESP_ERR__FATAL) {
+			/* Pause, never drop or fail for load: the poll thread calls us again
+			 * (after replacing a producer that hit a fatal error). */
 			req->cursor = i;
 			pthread_mutex_lock(&pc->lock);
 			pc->parked = req;

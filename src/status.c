@@ -43,6 +43,11 @@ grpc_status_code status_from_kafka(rd_kafka_resp_err_t err)
 	case RD_KAFKA_RESP_ERR_BROKER_NOT_AVAILABLE:
 	case RD_KAFKA_RESP_ERR_NETWORK_EXCEPTION:
 	case RD_KAFKA_RESP_ERR__FATAL:
+	/* The idempotent producer lost its sequence: the record was not written; a
+	 * retry goes to a fresh producer. */
+	case RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH:
+	case RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER:
+	case RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID:
 		return GRPC_STATUS_UNAVAILABLE;
 	default:
 		return GRPC_STATUS_INTERNAL;

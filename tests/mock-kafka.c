@@ -6,7 +6,7 @@
  *
  * Prints the bootstrap servers as the first line on stdout, then serves until
  * SIGTERM or SIGINT. With -C, a thread reads commands from FIFO, one a line:
- *   down BROKER | up BROKER | rtt BROKER MS | topic NAME PARTITIONS
+ *   down BROKER | up BROKER | rtt BROKER MS | topic NAME PARTITIONS | produce_errors ERR COUNT
  * and answers each with a line "ok" or "error: ..." on stdout. Brokers are
  * numbered from 1.
  *
@@ -69,7 +69,7 @@ static void usage(FILE *f)
 		"  -b N                brokers in the cluster, 1..9 (default 3)\n"
 		"  -t TOPIC:PARTITIONS create a topic (repeatable), replication min(3, N)\n"
 		"  -C FIFO             read control commands from FIFO:\n"
-		"                      down B | up B | rtt B MS | topic NAME PARTITIONS\n");
+		"                      down B | up B | rtt B MS | topic NAME PARTITIONS | produce_errors ERR COUNT\n");
 }
 
 /* Parses a decimal int in [min, max]; returns 0 or -EINVAL. */
@@ -130,6 +130,17 @@ static const char *apply_command(struct control *c, char *line)
 		argv[argc++] = tok;
 	if (argc == 0)
 		return "empty command";
+	if (strcmp(argv[0], "produce_errors") == 0) {
+		/* The next COUNT Produce requests (API key 0) fail with Kafka error ERR. */
+		int code, count;
+		if (argc != 3 || parse_int(argv[1], -200, 200, &code) || parse_int(argv[2], 1, 1000, &count))
+			return "usage: produce_errors ERR COUNT";
+		rd_kafka_resp_err_t errs[1000];
+		for (int i = 0; i < count; i++)
+			errs[i] = (rd_kafka_resp_err_t)code;
+		rd_kafka_mock_push_request_errors_array(c->mc, 0, count, errs);
+		return NULL;
+	}
 	if (strcmp(argv[0], "topic") == 0) {
 		if (argc != 3 || parse_int(argv[2], 1, 10000, &partitions))
 			return "usage: topic NAME PARTITIONS";
