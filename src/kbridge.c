@@ -1,6 +1,7 @@
 /* kbridge: the command-line client of kbridged, on gRPC's core API.
  *
- *   kbridge [-a ADDR] [--timeout S] publish -t TOPIC [-k KEY] [--batch N] [FILE]
+ *   kbridge [-a ADDR] [--timeout S] publish -t TOPIC [-k KEY] [-H K=V]... [-p PARTITION]
+ *           [-z | --binary] [--batch N] [--acks] [FILE]
  *   kbridge [-a ADDR] [--timeout S] tail -t TOPIC... [--from earliest|latest] [-n COUNT] [-v]
  *
  * Each command makes one call on one channel with one completion queue, which only the
@@ -11,7 +12,10 @@
  * requests and queues them, so that reading goes on while a message is being sent.
  * struct publish.lock guards the send queue and every field marked "locked"; both threads
  * start batches under it (grpc_call_start_batch is thread-safe), which is what keeps at
- * most one SEND_MESSAGE outstanding. `tail` is single-threaded. */
+ * most one SEND_MESSAGE outstanding. With --acks (PublishStream) the main thread also keeps
+ * one RECV_MESSAGE outstanding for the acks and prints them, so that acks are read while
+ * requests are being sent: both directions progress on the one queue. `tail` is
+ * single-threaded. */
 #include "config.h"
 
 #include <errno.h>
@@ -41,6 +45,7 @@
 #define DEFAULT_ADDRESS "127.0.0.1:50051"
 #define ADDRESS_ENV "KBRIDGE_ADDRESS"
 #define METHOD_PUBLISH "/kbridge.v1.Bridge/Publish"
+#define METHOD_PUBLISH_STREAM "/kbridge.v1.Bridge/PublishStream"
 #define METHOD_SUBSCRIBE "/kbridge.v1.Bridge/Subscribe"
 #define DURABLE_KEY "kbridge-durable-requests"
 
@@ -55,18 +60,20 @@
 /* Encoded requests waiting behind the one being sent: enough to keep the stream busy
  * while the reader works, little enough to bound memory (about 2 MiB). */
 #define SEND_QUEUE_MAX 8
-/* The server's max_request_bytes cannot go above this, so neither can a line. */
-#define MAX_LINE_BYTES (256u * 1024 * 1024)
+/* The server's max_request_bytes cannot go above this, so neither can a record. */
+#define MAX_RECORD_BYTES (256u * 1024 * 1024)
 /* How often a waiting thread looks at SIGINT and at the end of the call. */
 #define POLL_MS 100
+/* How often the progress line changes: often enough to look alive, rarely enough to read. */
+#define PROGRESS_MS 250
 
 enum tag {
 	TAG_SEND_MD = 1, /* SEND_INITIAL_METADATA (publish) or the whole request (tail) */
 	TAG_SEND,        /* one SEND_MESSAGE, maybe with SEND_CLOSE_FROM_CLIENT */
 	TAG_CLOSE,       /* SEND_CLOSE_FROM_CLIENT alone */
-	TAG_RECV_MD,     /* RECV_INITIAL_METADATA (tail) */
-	TAG_RECV,        /* one RECV_MESSAGE (tail) */
-	TAG_STATUS,      /* RECV_STATUS_ON_CLIENT, with the response for publish */
+	TAG_RECV_MD,     /* RECV_INITIAL_METADATA (tail, publish --acks) */
+	TAG_RECV,        /* one RECV_MESSAGE (tail, publish --acks) */
+	TAG_STATUS,      /* RECV_STATUS_ON_CLIENT, with the response for plain publish */
 };
 #define TAG(t) ((void *)(intptr_t)(t))
 
@@ -102,9 +109,11 @@ static void usage(FILE *f)
 		"Publish records to Apache Kafka and tail them, through kbridged.\n"
 		"\n"
 		"Commands:\n"
-		"  publish -t TOPIC [-k KEY] [--batch N] [FILE]\n"
+		"  publish -t TOPIC [-k KEY] [-H KEY=VALUE]... [-p PARTITION] [-z | --binary]\n"
+		"          [--batch N] [--acks] [FILE]\n"
 		"      publish each line of FILE (default: standard input) as one record, in one\n"
 		"      stream; print how many records were written and where, once all are durable\n"
+		"      (with --acks: where each record was written, one line per record)\n"
 		"  tail -t TOPIC [-t TOPIC]... [--from earliest|latest] [-n COUNT] [--max-batch N] [-v]\n"
 		"      print the value of each record of the topics, one per line, as it arrives\n"
 		"\n"
@@ -118,8 +127,19 @@ static void usage(FILE *f)
 		"publish:\n"
 		"  -t, --topic TOPIC    topic to publish to\n"
 		"  -k, --key KEY        key of every record (default: none)\n"
+		"  -H, --header KEY=VALUE\n"
+		"                       add this Kafka header to every record; repeat for more\n"
+		"  -p, --partition P    write every record to partition P (default: chosen by\n"
+		"                       Kafka's partitioner from the key)\n"
+		"  -z, --null           input records end with a NUL byte instead of a newline\n"
+		"      --binary         input records are length-prefixed: a 4-byte big-endian\n"
+		"                       length, then that many bytes, repeated\n"
 		"      --batch N        records per request message, 1..%d (default %d; a\n"
 		"                       request also ends at about 256 KiB)\n"
+		"      --acks           use PublishStream and print, for each record in input\n"
+		"                       order, TOPIC/PARTITION@OFFSET or TOPIC: error CODE: MESSAGE;\n"
+		"                       exit 1 if any record failed\n"
+		"  When standard error is a terminal, a progress line shows there while publishing.\n"
 		"tail:\n"
 		"  -t, --topic TOPIC    topic to read; repeat it for several\n"
 		"      --from WHERE     earliest or latest (default: latest)\n"
@@ -177,7 +197,7 @@ static double parse_seconds(const char *arg)
 }
 
 /* Options every command accepts, so that they may come before or after it. */
-enum { OPT_TIMEOUT = 256, OPT_BATCH, OPT_FROM, OPT_MAX_BATCH };
+enum { OPT_TIMEOUT = 256, OPT_BATCH, OPT_FROM, OPT_MAX_BATCH, OPT_BINARY, OPT_ACKS };
 #define GLOBAL_LONG_OPTIONS                                                                  \
 	{"address", required_argument, NULL, 'a'}, {"timeout", required_argument, NULL, OPT_TIMEOUT}, \
 	{"help", no_argument, NULL, 'h'}, {"version", no_argument, NULL, 'V'}
@@ -354,28 +374,36 @@ static bool status_trailer_u64(const struct status *st, const char *key, uint64_
 	return false;
 }
 
-/* ---- input: lines from a file descriptor ---- */
+/* ---- input: records from a file descriptor ---- */
+
+enum input_format {
+	INPUT_LINES,  /* each record ends with a newline */
+	INPUT_NUL,    /* each record ends with a NUL byte (-z) */
+	INPUT_BINARY, /* 4-byte big-endian length, then the record (--binary) */
+};
 
 struct input {
 	const char *name; /* for messages */
 	int fd;
+	enum input_format format;
 	char *buf;
 	size_t cap, start, end; /* unread bytes are buf[start..end) */
 	bool eof;
-	uint64_t lines; /* lines returned so far */
+	uint64_t records; /* records returned so far */
 };
 
-enum line_result { LINE_OK, LINE_MORE, LINE_END, LINE_TOO_LONG };
+enum input_result { INPUT_OK, INPUT_MORE, INPUT_END, INPUT_TOO_LONG, INPUT_TRUNCATED };
 
-static void input_init(struct input *in, const char *name, int fd)
+static void input_init(struct input *in, const char *name, int fd, enum input_format format)
 {
 	in->name = name;
 	in->fd = fd;
+	in->format = format;
 	in->cap = 256 * 1024;
 	in->buf = xmalloc(in->cap);
 	in->start = in->end = 0;
 	in->eof = false;
-	in->lines = 0;
+	in->records = 0;
 }
 
 static void input_destroy(struct input *in)
@@ -385,23 +413,66 @@ static void input_destroy(struct input *in)
 	free(in->buf);
 }
 
-/* The next line, without its newline, valid until the next input_* call. A last line
- * without a newline counts. LINE_MORE: call input_read first. */
-static enum line_result input_line(struct input *in, const char **line, size_t *len)
+/* A record that ends with `delim`; a last one without it counts. */
+static enum input_result input_delimited(struct input *in, char delim, const char **rec, size_t *len)
 {
 	char *p = in->buf + in->start;
 	size_t avail = in->end - in->start;
-	char *nl = memchr(p, '\n', avail);
+	char *d = memchr(p, delim, avail);
 
-	if (!nl && !in->eof)
-		return avail >= MAX_LINE_BYTES ? LINE_TOO_LONG : LINE_MORE;
-	if (!nl && avail == 0)
-		return LINE_END;
-	*line = p;
-	*len = nl ? (size_t)(nl - p) : avail;
-	in->start += nl ? *len + 1 : avail;
-	in->lines++;
-	return LINE_OK;
+	if (!d && !in->eof)
+		return avail >= MAX_RECORD_BYTES ? INPUT_TOO_LONG : INPUT_MORE;
+	if (!d && avail == 0)
+		return INPUT_END;
+	if (!d && avail > MAX_RECORD_BYTES)
+		return INPUT_TOO_LONG;
+	*rec = p;
+	*len = d ? (size_t)(d - p) : avail;
+	in->start += d ? *len + 1 : avail;
+	return INPUT_OK;
+}
+
+/* A length-prefixed record; the input must not end inside one. */
+static enum input_result input_prefixed(struct input *in, const char **rec, size_t *len)
+{
+	const unsigned char *p = (const unsigned char *)in->buf + in->start;
+	size_t avail = in->end - in->start;
+	uint32_t n;
+
+	if (avail < 4) {
+		if (!in->eof)
+			return INPUT_MORE;
+		return avail == 0 ? INPUT_END : INPUT_TRUNCATED;
+	}
+	n = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+	if (n > MAX_RECORD_BYTES)
+		return INPUT_TOO_LONG;
+	if (avail - 4 < n)
+		return in->eof ? INPUT_TRUNCATED : INPUT_MORE;
+	*rec = (const char *)p + 4;
+	*len = n;
+	in->start += 4 + (size_t)n;
+	return INPUT_OK;
+}
+
+/* The next record, valid until the next input_* call. INPUT_MORE: call input_read first. */
+static enum input_result input_next(struct input *in, const char **rec, size_t *len)
+{
+	enum input_result r;
+
+	if (in->format == INPUT_BINARY)
+		r = input_prefixed(in, rec, len);
+	else
+		r = input_delimited(in, in->format == INPUT_NUL ? '\0' : '\n', rec, len);
+	if (r == INPUT_OK)
+		in->records++;
+	return r;
+}
+
+/* "line" or "record", for messages about the input. */
+static const char *input_unit(const struct input *in)
+{
+	return in->format == INPUT_LINES ? "line" : "record";
 }
 
 /* True when a read would not block, waiting up to timeout_ms. */
@@ -439,7 +510,20 @@ static int input_read(struct input *in)
 
 /* ---- publish ---- */
 
-/* One PublishRequest being filled: the lines are copied back to back into `data`. */
+/* What the command line asks of `publish`. */
+struct publish_opts {
+	const char *topic;
+	const char *key;                /* NULL: records without a key */
+	Kbridge__V1__Header **headers;  /* -H, on every record, in order */
+	size_t n_headers;
+	int32_t partition;              /* -1: Kafka's partitioner chooses */
+	enum input_format format;
+	size_t batch_records;
+	bool acks;                      /* PublishStream, one output line per record */
+	const char *file;               /* NULL or "-": standard input */
+};
+
+/* One PublishRequest being filled: the records are copied back to back into `data`. */
 struct batch {
 	Kbridge__V1__Record *recs;
 	Kbridge__V1__Record **ptrs;
@@ -453,9 +537,9 @@ struct batch {
 struct publish {
 	/* set before the reader starts, constant afterwards */
 	grpc_call *call;
-	const char *topic;
+	const struct publish_opts *o;
 	ProtobufCBinaryData key;
-	size_t batch_records;
+	size_t record_overhead; /* encoded bytes of a record besides its value, about */
 	struct input in;
 
 	pthread_mutex_t lock;
@@ -468,18 +552,29 @@ struct publish {
 	bool closed;                              /* locked: SEND_CLOSE_FROM_CLIENT started */
 	bool stop;                                /* locked: the call is over; the reader gives up */
 	int read_error;                           /* locked: errno of a failed read, or 0 */
-	bool line_too_long;                       /* locked */
-
-	/* reader thread's until it is joined */
-	uint32_t *req_records; /* records of each request sent, for the durable prefix */
-	size_t n_reqs, cap_reqs;
-	uint64_t records_sent;
+	enum input_result input_end;              /* locked: INPUT_TOO_LONG/TRUNCATED if the input was bad */
+	uint32_t *req_records;                    /* locked: records of each request sent, by index */
+	size_t n_reqs, cap_reqs;                  /* locked */
+	uint64_t records_sent;                    /* locked */
 
 	/* main thread's */
 	bool cancelled;
 	grpc_metadata_array initial_md;
-	grpc_byte_buffer *response;
+	grpc_byte_buffer *response; /* plain: the PublishResponse; --acks: the next PublishAck */
 	struct status st;
+
+	/* main thread's, --acks: acks wait here until every earlier request's is printed */
+	Kbridge__V1__PublishAck **acks; /* by sequence; NULL once printed or not yet in */
+	size_t acks_cap;
+	size_t next_print;              /* sequence of the next request to print */
+	uint64_t records_acked, records_failed;
+	bool bad_response;
+	int output_error;               /* errno of a failed write to stdout */
+
+	/* main thread's: the progress line on a terminal */
+	bool progress, progress_shown;
+	bool stdout_tty; /* the ack lines share the terminal with the progress line */
+	int64_t started_ms, progress_ms;
 };
 
 static void batch_destroy(struct batch *b)
@@ -490,7 +585,25 @@ static void batch_destroy(struct batch *b)
 	free(b->data);
 }
 
-static void batch_add(struct publish *p, struct batch *b, const char *line, size_t len)
+/* Every record differs only in its value: set the rest once. */
+static void batch_init_records(struct publish *p, struct batch *b, size_t from)
+{
+	for (size_t i = from; i < b->cap; i++) {
+		Kbridge__V1__Record *r = &b->recs[i];
+
+		*r = (Kbridge__V1__Record)KBRIDGE__V1__RECORD__INIT;
+		r->topic = (char *)p->o->topic;
+		r->key = p->key;
+		r->n_headers = p->o->n_headers;
+		r->headers = p->o->headers;
+		if (p->o->partition >= 0) {
+			r->placement_case = KBRIDGE__V1__RECORD__PLACEMENT_PARTITION;
+			r->partition = p->o->partition;
+		}
+	}
+}
+
+static void batch_add(struct publish *p, struct batch *b, const char *value, size_t len)
 {
 	if (b->n == b->cap) {
 		size_t old = b->cap;
@@ -498,25 +611,19 @@ static void batch_add(struct publish *p, struct batch *b, const char *line, size
 		b->recs = xrealloc(b->recs, b->cap * sizeof(*b->recs));
 		b->ptrs = xrealloc(b->ptrs, b->cap * sizeof(*b->ptrs));
 		b->offs = xrealloc(b->offs, b->cap * sizeof(*b->offs));
-		/* Every record differs only in its value: set the rest once. */
-		for (size_t i = old; i < b->cap; i++) {
-			b->recs[i] = (Kbridge__V1__Record)KBRIDGE__V1__RECORD__INIT;
-			b->recs[i].topic = (char *)p->topic;
-			b->recs[i].key = p->key;
-		}
+		batch_init_records(p, b, old);
 	}
 	if (b->data_cap - b->used < len) {
 		while (b->data_cap - b->used < len)
 			b->data_cap = b->data_cap ? 2 * b->data_cap : 64 * 1024;
 		b->data = xrealloc(b->data, b->data_cap);
 	}
-	memcpy(b->data + b->used, line, len);
+	memcpy(b->data + b->used, value, len);
 	b->offs[b->n] = b->used;
 	b->recs[b->n].value.len = len;
 	b->used += len;
 	b->n++;
-	/* value, topic, key, and the tags and lengths around them */
-	b->bytes += len + strlen(p->topic) + p->key.len + 16;
+	b->bytes += len + p->record_overhead;
 }
 
 static grpc_byte_buffer *batch_encode(struct batch *b)
@@ -585,18 +692,18 @@ static bool publish_submit(struct publish *p, struct batch *b)
 		grpc_byte_buffer_destroy(bb);
 		return false;
 	}
-	p->queue[(p->q_head + p->q_count) % SEND_QUEUE_MAX] = bb;
-	p->q_count++;
-	if (!p->sending)
-		publish_send_next(p);
-	pthread_mutex_unlock(&p->lock);
-
+	/* Recorded before the send can start, so that its ack always finds it. */
 	if (p->n_reqs == p->cap_reqs) {
 		p->cap_reqs = p->cap_reqs ? 2 * p->cap_reqs : 1024;
 		p->req_records = xrealloc(p->req_records, p->cap_reqs * sizeof(*p->req_records));
 	}
 	p->req_records[p->n_reqs++] = n;
 	p->records_sent += n;
+	p->queue[(p->q_head + p->q_count) % SEND_QUEUE_MAX] = bb;
+	p->q_count++;
+	if (!p->sending)
+		publish_send_next(p);
+	pthread_mutex_unlock(&p->lock);
 	return true;
 }
 
@@ -608,15 +715,17 @@ static bool publish_stopped(struct publish *p)
 	return stop;
 }
 
-/* Reader: the input ended, failed or the call is over. On failure the call is cancelled:
- * half-closing would make a part of the input look like all of it. */
-static void publish_reader_end(struct publish *p, int error, bool too_long)
+/* Reader: the input ended, failed or the call is over. On failure a plain publish is
+ * cancelled: half-closing would make a part of the input look like all of it. With
+ * --acks every record sent gets its own line, so half-closing says exactly what was
+ * published, and the error message says where the input went wrong. */
+static void publish_reader_end(struct publish *p, int error, enum input_result end)
 {
 	pthread_mutex_lock(&p->lock);
 	p->input_done = true;
 	p->read_error = error;
-	p->line_too_long = too_long;
-	if (error || too_long)
+	p->input_end = end;
+	if ((error || end != INPUT_END) && !p->o->acks)
 		grpc_call_cancel(p->call, NULL);
 	else
 		publish_maybe_close(p);
@@ -641,10 +750,10 @@ static void *publish_reader(void *arg)
 {
 	struct publish *p = arg;
 	struct batch b = {0};
-	const char *line;
+	const char *rec;
 	size_t len;
 	int err = 0;
-	bool too_long = false;
+	enum input_result r;
 	sigset_t set;
 
 	/* ^C is the main thread's business. */
@@ -653,36 +762,237 @@ static void *publish_reader(void *arg)
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 
 	for (;;) {
-		enum line_result r = input_line(&p->in, &line, &len);
-
-		if (r == LINE_OK) {
-			batch_add(p, &b, line, len);
-			if ((b.n >= p->batch_records || b.bytes >= BATCH_BYTES) && !publish_submit(p, &b))
+		r = input_next(&p->in, &rec, &len);
+		if (r == INPUT_OK) {
+			batch_add(p, &b, rec, len);
+			if ((b.n >= p->o->batch_records || b.bytes >= BATCH_BYTES) && !publish_submit(p, &b))
 				goto out;
-		} else if (r == LINE_MORE) {
+		} else if (r == INPUT_MORE) {
 			if (!publish_wait_input(p, &b))
 				goto out;
 			err = -input_read(&p->in);
 			if (err)
 				break;
-		} else if (r == LINE_TOO_LONG) {
-			too_long = true;
-			break;
 		} else {
+			/* The end, or bad input: what was read before it still goes out (--acks
+			 * publishes it; a plain publish is cancelled anyway). */
 			if (b.n > 0 && !publish_submit(p, &b))
 				goto out;
 			break;
 		}
 	}
-	publish_reader_end(p, err, too_long);
+	publish_reader_end(p, err, err ? INPUT_END : r);
 out:
 	batch_destroy(&b);
 	return NULL;
 }
 
+/* ---- publish: the progress line ---- */
+
+static void progress_erase(struct publish *p)
+{
+	if (p->progress_shown) {
+		fputs("\r\033[K", stderr);
+		p->progress_shown = false;
+	}
+}
+
+/* Main thread: redraws the line when PROGRESS_MS have passed since the last time. */
+static void progress_update(struct publish *p)
+{
+	int64_t now = now_ms();
+	uint64_t sent;
+	double secs;
+
+	if (!p->progress || now - p->progress_ms < PROGRESS_MS)
+		return;
+	p->progress_ms = now;
+	pthread_mutex_lock(&p->lock);
+	sent = p->records_sent;
+	pthread_mutex_unlock(&p->lock);
+	secs = (double)(now - p->started_ms) / 1000;
+	if (p->o->acks)
+		fprintf(stderr, "\r\033[Kkbridge: %.0f records/s, %" PRIu64 " acked, %" PRIu64 " in flight",
+			(double)p->records_acked / secs, p->records_acked, sent - p->records_acked);
+	else
+		fprintf(stderr, "\r\033[Kkbridge: %.0f records/s, %" PRIu64 " sent", (double)sent / secs, sent);
+	p->progress_shown = true;
+}
+
+/* ---- publish: acks (--acks) ---- */
+
+static void publish_cancel(struct publish *p)
+{
+	if (!p->cancelled) {
+		p->cancelled = true;
+		grpc_call_cancel(p->call, NULL);
+	}
+}
+
+/* Main thread: asks for the next ack. */
+static void publish_recv_next(struct publish *p)
+{
+	grpc_op op = {.op = GRPC_OP_RECV_MESSAGE, .data.recv_message.recv_message = &p->response};
+
+	pthread_mutex_lock(&p->lock);
+	p->batches++;
+	start_batch(p->call, &op, 1, TAG_RECV);
+	pthread_mutex_unlock(&p->lock);
+}
+
+/* A server's message as the rest of one output line: control characters become spaces. */
+static void print_message_line(const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		putchar((unsigned char)s[i] < ' ' ? ' ' : s[i]);
+	putchar('\n');
+}
+
+static void publish_print_result(struct publish *p, const Kbridge__V1__RecordResult *r)
+{
+	const char *topic = p->o->topic;
+
+	if (r->code != GRPC_STATUS_OK) {
+		printf("%s: error %s: ", topic, code_name((grpc_status_code)r->code));
+		print_message_line(r->error, strlen(r->error));
+		p->records_failed++;
+	} else if (r->spooled) {
+		printf("%s: spooled\n", topic);
+	} else {
+		printf("%s/%" PRId32 "@%" PRId64 "\n", topic, r->partition, r->offset);
+	}
+}
+
+/* Prints the acks that are next in input order, as far as they are in. */
+static void publish_print_ready(struct publish *p)
+{
+	bool printed = false;
+
+	while (p->next_print < p->acks_cap && p->acks[p->next_print]) {
+		Kbridge__V1__PublishAck *ack = p->acks[p->next_print];
+
+		if (!printed && p->stdout_tty)
+			progress_erase(p);
+		for (size_t i = 0; i < ack->n_results; i++)
+			publish_print_result(p, ack->results[i]);
+		protobuf_c_message_free_unpacked(&ack->base, NULL);
+		p->acks[p->next_print++] = NULL;
+		printed = true;
+	}
+	/* Someone may be watching the output live. */
+	if (printed && fflush(stdout) != 0 && !p->output_error) {
+		p->output_error = errno;
+		publish_cancel(p);
+	}
+}
+
+/* Keeps ack until it can be printed; false if it answers no request of ours, answers one
+ * twice, or has not one result per record. */
+static bool publish_ack_store(struct publish *p, Kbridge__V1__PublishAck *ack)
+{
+	uint64_t seq = ack->sequence;
+	bool fits;
+
+	pthread_mutex_lock(&p->lock);
+	fits = seq < p->n_reqs && ack->n_results == p->req_records[seq];
+	pthread_mutex_unlock(&p->lock);
+	if (!fits || seq < p->next_print)
+		return false;
+	if (seq >= p->acks_cap) {
+		size_t old = p->acks_cap;
+		p->acks_cap = old ? 2 * old : 1024;
+		if (p->acks_cap <= seq)
+			p->acks_cap = seq + 1;
+		p->acks = xrealloc(p->acks, p->acks_cap * sizeof(*p->acks));
+		memset(p->acks + old, 0, (p->acks_cap - old) * sizeof(*p->acks));
+	}
+	if (p->acks[seq])
+		return false;
+	p->acks[seq] = ack;
+	p->records_acked += ack->n_results;
+	return true;
+}
+
+/* Main thread: the RECV_MESSAGE for an ack completed. */
+static void publish_on_ack(struct publish *p, bool ok)
+{
+	grpc_byte_buffer *msg = p->response;
+	Kbridge__V1__PublishAck *ack;
+
+	p->response = NULL;
+	if (!ok || !msg) {
+		/* The stream ended; the status says how. */
+		grpc_byte_buffer_destroy(msg);
+		return;
+	}
+	ack = (Kbridge__V1__PublishAck *)codec_decode(&kbridge__v1__publish_ack__descriptor, msg);
+	grpc_byte_buffer_destroy(msg);
+	if (!ack || !publish_ack_store(p, ack)) {
+		if (ack)
+			protobuf_c_message_free_unpacked(&ack->base, NULL);
+		p->bad_response = true;
+		publish_cancel(p);
+		return;
+	}
+	publish_print_ready(p);
+	if (!p->cancelled)
+		publish_recv_next(p);
+}
+
+/* After the call: every request sent gets its lines, acked or not, in input order. A
+ * request without an ack failed as far as we know: the call's status says why. */
+static void publish_print_rest(struct publish *p)
+{
+	grpc_status_code code = p->st.code != GRPC_STATUS_OK ? p->st.code : GRPC_STATUS_UNKNOWN;
+	const char *details = (const char *)GRPC_SLICE_START_PTR(p->st.details);
+	size_t details_len = GRPC_SLICE_LENGTH(p->st.details);
+
+	if (p->st.code == GRPC_STATUS_OK) {
+		details = "the stream ended without it";
+		details_len = strlen(details);
+	}
+	progress_erase(p);
+	for (; p->next_print < p->n_reqs; p->next_print++) {
+		Kbridge__V1__PublishAck *ack = p->next_print < p->acks_cap ? p->acks[p->next_print] : NULL;
+
+		if (ack) {
+			for (size_t i = 0; i < ack->n_results; i++)
+				publish_print_result(p, ack->results[i]);
+			protobuf_c_message_free_unpacked(&ack->base, NULL);
+			p->acks[p->next_print] = NULL;
+			continue;
+		}
+		for (uint32_t i = 0; i < p->req_records[p->next_print]; i++) {
+			printf("%s: error %s: not acknowledged: ", p->o->topic, code_name(code));
+			print_message_line(details, details_len);
+			p->records_failed++;
+		}
+	}
+}
+
+/* ---- publish: the call ---- */
+
+/* Says on stderr why the input stopped early; false when it did not. */
+static bool publish_input_failed(struct publish *p)
+{
+	if (p->read_error)
+		fprintf(stderr, "kbridge: %s: %s\n", p->in.name, strerror(p->read_error));
+	else if (p->input_end == INPUT_TOO_LONG)
+		fprintf(stderr, "kbridge: %s: %s %" PRIu64 " is longer than %u bytes\n", p->in.name,
+			input_unit(&p->in), p->in.records + 1, MAX_RECORD_BYTES);
+	else if (p->input_end == INPUT_TRUNCATED)
+		fprintf(stderr, "kbridge: %s: record %" PRIu64 " is cut short: the input ends inside it\n",
+			p->in.name, p->in.records + 1);
+	else
+		return false;
+	return true;
+}
+
 /* Main thread: a batch completed. */
 static void publish_event(struct publish *p, enum tag tag, bool ok)
 {
+	if (tag == TAG_RECV)
+		publish_on_ack(p, ok);
 	pthread_mutex_lock(&p->lock);
 	p->batches--;
 	switch (tag) {
@@ -709,7 +1019,7 @@ static void publish_event(struct publish *p, enum tag tag, bool ok)
 		}
 		pthread_cond_signal(&p->room);
 		break;
-	default: /* TAG_SEND_MD, TAG_CLOSE: their outcome shows in the status */
+	default: /* TAG_SEND_MD, TAG_CLOSE, TAG_RECV_MD: their outcome shows in the status */
 		break;
 	}
 	pthread_mutex_unlock(&p->lock);
@@ -758,15 +1068,8 @@ static int publish_report_failure(struct publish *p)
 {
 	uint64_t durable;
 
-	if (p->read_error) {
-		fprintf(stderr, "kbridge: %s: %s\n", p->in.name, strerror(p->read_error));
+	if (publish_input_failed(p))
 		return EXIT_RPC;
-	}
-	if (p->line_too_long) {
-		fprintf(stderr, "kbridge: %s: line %" PRIu64 " is longer than %u bytes\n", p->in.name,
-			p->in.lines + 1, MAX_LINE_BYTES);
-		return EXIT_RPC;
-	}
 	if (p->cancelled && interrupted) {
 		fputs("kbridge: publish interrupted; records already sent may be in Kafka\n", stderr);
 		return EXIT_INTERRUPTED;
@@ -779,14 +1082,50 @@ static int publish_report_failure(struct publish *p)
 		for (size_t i = 0; i < durable && i < p->n_reqs; i++)
 			lines += p->req_records[i];
 		if (lines > 0)
-			fprintf(stderr, "kbridge: the first %" PRIu64 " input lines are durable\n", lines);
+			fprintf(stderr, "kbridge: the first %" PRIu64 " input %ss are durable\n", lines,
+				input_unit(&p->in));
 	} else {
 		fputc('\n', stderr);
 	}
 	return EXIT_RPC;
 }
 
-/* Starts the call: initial metadata on its own (never hinted), and the receiving side. */
+/* --acks: the lines of the records not printed yet, then what went wrong, if anything. */
+static int publish_acks_result(struct publish *p)
+{
+	int rc = 0;
+
+	publish_print_rest(p);
+	if (fflush(stdout) != 0 && !p->output_error)
+		p->output_error = errno;
+	if (p->output_error) {
+		fprintf(stderr, "kbridge: standard output: %s\n", strerror(p->output_error));
+		rc = EXIT_RPC;
+	}
+	if (publish_input_failed(p))
+		rc = EXIT_RPC;
+	if (p->bad_response) {
+		fputs("kbridge: publish: the server sent an ack that does not decode or fits no request\n",
+		      stderr);
+		rc = EXIT_RPC;
+	} else if (p->cancelled && interrupted) {
+		fputs("kbridge: publish interrupted; records not acknowledged may be in Kafka\n", stderr);
+		rc = EXIT_INTERRUPTED;
+	} else if (p->st.code != GRPC_STATUS_OK && !p->cancelled) {
+		status_print("publish", &p->st);
+		fputc('\n', stderr);
+		rc = EXIT_RPC;
+	}
+	if (p->records_failed > 0) {
+		fprintf(stderr, "kbridge: %" PRIu64 " records failed\n", p->records_failed);
+		if (rc == 0)
+			rc = EXIT_RPC;
+	}
+	return rc;
+}
+
+/* Starts the call: initial metadata on its own (never hinted), and the receiving side:
+ * the status with the one response (plain), or the status and the first ack (--acks). */
 static void publish_start(struct publish *p)
 {
 	grpc_op md = {.op = GRPC_OP_SEND_INITIAL_METADATA};
@@ -799,7 +1138,14 @@ static void publish_start(struct publish *p)
 
 	p->batches = 2;
 	start_batch(p->call, &md, 1, TAG_SEND_MD);
-	start_batch(p->call, recv, ARRAY_SIZE(recv), TAG_STATUS);
+	if (!p->o->acks) {
+		start_batch(p->call, recv, ARRAY_SIZE(recv), TAG_STATUS);
+		return;
+	}
+	p->batches = 3;
+	start_batch(p->call, &recv[0], 1, TAG_RECV_MD);
+	start_batch(p->call, &recv[2], 1, TAG_STATUS);
+	publish_recv_next(p);
 }
 
 /* Main thread: runs the call until no batch is outstanding. */
@@ -812,45 +1158,61 @@ static void publish_run(struct client *c, struct publish *p)
 		if (done)
 			break;
 		grpc_event ev = client_next(c);
-		if (interrupted && !p->cancelled) {
-			p->cancelled = true;
-			grpc_call_cancel(p->call, NULL);
-		}
+		if (interrupted)
+			publish_cancel(p);
 		if (ev.type == GRPC_OP_COMPLETE)
 			publish_event(p, (enum tag)(intptr_t)ev.tag, ev.success);
+		progress_update(p);
 	}
+	progress_erase(p);
 }
 
-static int cmd_publish(struct global *g, const char *topic, const char *key, size_t batch_records,
-		       const char *file)
+/* Opens the input; -1 after saying why. */
+static int publish_open_input(const char *file)
+{
+	struct stat sb;
+	int fd;
+
+	if (!file || strcmp(file, "-") == 0)
+		return STDIN_FILENO;
+	fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || (fstat(fd, &sb) == 0 && S_ISDIR(sb.st_mode))) {
+		fprintf(stderr, "kbridge: %s: %s\n", file, fd < 0 ? strerror(errno) : strerror(EISDIR));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int cmd_publish(struct global *g, const struct publish_opts *o)
 {
 	struct client c;
-	struct publish p = {.topic = topic, .batch_records = batch_records};
+	struct publish p = {.o = o, .input_end = INPUT_END};
 	pthread_t reader;
-	int fd = STDIN_FILENO, rc;
-	struct stat sb;
+	int fd = publish_open_input(o->file), rc;
 
-	if (file && strcmp(file, "-") != 0) {
-		fd = open(file, O_RDONLY | O_CLOEXEC);
-		if (fd < 0 || (fstat(fd, &sb) == 0 && S_ISDIR(sb.st_mode))) {
-			fprintf(stderr, "kbridge: %s: %s\n", file, fd < 0 ? strerror(errno) : strerror(EISDIR));
-			if (fd >= 0)
-				close(fd);
-			return EXIT_RPC;
-		}
+	if (fd < 0)
+		return EXIT_RPC;
+	input_init(&p.in, fd == STDIN_FILENO ? "standard input" : o->file, fd, o->format);
+	if (o->key) {
+		p.key.data = (uint8_t *)o->key;
+		p.key.len = strlen(o->key);
 	}
-	input_init(&p.in, fd == STDIN_FILENO ? "standard input" : file, fd);
-	if (key) {
-		p.key.data = (uint8_t *)key;
-		p.key.len = strlen(key);
-	}
+	/* topic, key, headers, partition, and the tags and lengths around them */
+	p.record_overhead = strlen(o->topic) + p.key.len + 16;
+	for (size_t i = 0; i < o->n_headers; i++)
+		p.record_overhead += strlen(o->headers[i]->key) + o->headers[i]->value.len + 8;
+	p.progress = isatty(STDERR_FILENO);
+	p.stdout_tty = isatty(STDOUT_FILENO);
 	pthread_mutex_init(&p.lock, NULL);
 	pthread_cond_init(&p.room, NULL);
 	grpc_metadata_array_init(&p.initial_md);
 	status_init(&p.st);
 
 	client_open(&c, g);
-	p.call = client_call(&c, METHOD_PUBLISH);
+	p.call = client_call(&c, o->acks ? METHOD_PUBLISH_STREAM : METHOD_PUBLISH);
+	p.started_ms = p.progress_ms = now_ms();
 	publish_start(&p);
 	if (pthread_create(&reader, NULL, publish_reader, &p) != 0) {
 		fputs("kbridge: cannot start the input thread\n", stderr);
@@ -859,7 +1221,9 @@ static int cmd_publish(struct global *g, const char *topic, const char *key, siz
 	publish_run(&c, &p);
 	pthread_join(reader, NULL);
 
-	if (p.st.code == GRPC_STATUS_OK && !p.read_error && !p.line_too_long)
+	if (o->acks)
+		rc = publish_acks_result(&p);
+	else if (p.st.code == GRPC_STATUS_OK && !p.read_error && p.input_end == INPUT_END)
 		rc = publish_print_summary(&p);
 	else
 		rc = publish_report_failure(&p);
@@ -872,6 +1236,7 @@ static int cmd_publish(struct global *g, const char *topic, const char *key, siz
 	pthread_cond_destroy(&p.room);
 	pthread_mutex_destroy(&p.lock);
 	free(p.req_records);
+	free(p.acks);
 	input_destroy(&p.in);
 	if (fflush(stdout) != 0 && rc == 0) {
 		fprintf(stderr, "kbridge: standard output: %s\n", strerror(errno));
@@ -1063,41 +1428,87 @@ static int cmd_tail(struct global *g, char **topics, size_t n_topics, bool earli
 
 /* ---- commands ---- */
 
+/* -H KEY=VALUE: the key is copied (it needs its NUL), the value stays in argv. */
+static void header_parse(Kbridge__V1__Header *h, const char *arg)
+{
+	const char *eq = strchr(arg, '=');
+
+	if (!eq)
+		usage_error("--header: '%s' is not KEY=VALUE", arg);
+	if (eq == arg)
+		usage_error("--header: '%s' has an empty key", arg);
+	*h = (Kbridge__V1__Header)KBRIDGE__V1__HEADER__INIT;
+	h->key = xstrndup(arg, (size_t)(eq - arg));
+	h->value.data = (uint8_t *)eq + 1;
+	h->value.len = strlen(eq + 1);
+}
+
 static int main_publish(struct global *g, int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{"topic", required_argument, NULL, 't'}, {"key", required_argument, NULL, 'k'},
-		{"batch", required_argument, NULL, OPT_BATCH}, GLOBAL_LONG_OPTIONS, {0}};
-	const char *topic = NULL, *key = NULL, *file = NULL;
-	size_t batch = DEFAULT_BATCH_RECORDS;
-	int c;
+		{"header", required_argument, NULL, 'H'}, {"partition", required_argument, NULL, 'p'},
+		{"null", no_argument, NULL, 'z'}, {"binary", no_argument, NULL, OPT_BINARY},
+		{"batch", required_argument, NULL, OPT_BATCH}, {"acks", no_argument, NULL, OPT_ACKS},
+		GLOBAL_LONG_OPTIONS, {0}};
+	struct publish_opts o = {.partition = -1, .format = INPUT_LINES,
+				 .batch_records = DEFAULT_BATCH_RECORDS};
+	Kbridge__V1__Header *headers = xcalloc(argc, sizeof(*headers));
+	bool nul = false, binary = false;
+	int c, rc;
 
-	while ((c = getopt_long(argc, argv, "t:k:a:hV", longopts, NULL)) != -1) {
+	o.headers = xcalloc(argc, sizeof(*o.headers));
+	while ((c = getopt_long(argc, argv, "t:k:H:p:za:hV", longopts, NULL)) != -1) {
 		switch (c) {
 		case 't':
-			if (topic)
+			if (o.topic)
 				usage_error("publish: one topic only (-t given twice)");
-			topic = optarg;
+			o.topic = optarg;
 			break;
 		case 'k':
-			key = optarg;
+			o.key = optarg;
+			break;
+		case 'H':
+			header_parse(&headers[o.n_headers], optarg);
+			o.headers[o.n_headers] = &headers[o.n_headers];
+			o.n_headers++;
+			break;
+		case 'p':
+			o.partition = (int32_t)parse_count("--partition", optarg, 0, INT32_MAX);
+			break;
+		case 'z':
+			nul = true;
+			break;
+		case OPT_BINARY:
+			binary = true;
 			break;
 		case OPT_BATCH:
-			batch = parse_count("--batch", optarg, 1, MAX_BATCH_RECORDS);
+			o.batch_records = parse_count("--batch", optarg, 1, MAX_BATCH_RECORDS);
+			break;
+		case OPT_ACKS:
+			o.acks = true;
 			break;
 		default:
 			global_option(g, c, optarg);
 		}
 	}
-	if (!topic)
+	if (!o.topic)
 		usage_error("publish: a topic is required (-t TOPIC)");
-	if (!*topic)
+	if (!*o.topic)
 		usage_error("publish: the topic must not be empty");
+	if (nul && binary)
+		usage_error("publish: -z and --binary exclude each other");
+	o.format = nul ? INPUT_NUL : binary ? INPUT_BINARY : INPUT_LINES;
 	if (optind < argc)
-		file = argv[optind++];
+		o.file = argv[optind++];
 	if (optind < argc)
 		usage_error("publish: one input file at most ('%s' is extra)", argv[optind]);
-	return cmd_publish(g, topic, key, batch, file);
+	rc = cmd_publish(g, &o);
+	for (size_t i = 0; i < o.n_headers; i++)
+		free(headers[i].key);
+	free(headers);
+	free(o.headers);
+	return rc;
 }
 
 static int main_tail(struct global *g, int argc, char **argv)
