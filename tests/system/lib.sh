@@ -44,6 +44,17 @@
 #                          return the daemon's exit status: use
 #                          `rc=0; kbridged_stop || rc=$?` to look at it
 #   kbridged_alive         succeed while the daemon process runs
+#   KBRIDGED_ENV           NAME=VALUE words added to the daemon's environment only
+#                          (e.g. KBRIDGED_ENV="WATCHDOG_USEC=2000000"), read by kbridged_start
+# sd_notify (the daemon's READY=1, STATUS=..., STOPPING=1, WATCHDOG=1)
+#   notify_listen          before kbridged_start: listen on a unix datagram socket
+#                          ($T/notify.sock, or under /tmp when $T is long) and append
+#                          every datagram to $T/notify.log, one assignment a line;
+#                          kbridged_start then passes NOTIFY_SOCKET to the daemon
+#   notify_has ERE         succeed if a line of $T/notify.log matches ERE
+#   notify_wait ERE [SECONDS]
+#                          wait (default 30 s) for a line matching ERE; fail after
+#   notify_last NAME       print the value of the last NAME=... line (e.g. STATUS)
 # Clients
 #   py ARGS...             run tests/clients/python/kbclient.py --address $ADDR ARGS
 #                          with PYTHONPATH=$PYGEN (see kbclient.py --help)
@@ -100,6 +111,8 @@ ADDR=
 MOCK_PID=
 KBRIDGED_PID=
 _LIB_SOCKDIR=
+NOTIFY_PID=
+NOTIFY_SOCK=
 
 # --- messages and assertions ---
 
@@ -298,6 +311,17 @@ mock_ctl() {
 
 # --- the daemon ---
 
+# Sets _LIB_SOCK to a path for the unix socket NAME: $T/NAME, unless that
+# would not fit in sun_path (108 bytes): deep build directories get a short
+# one under /tmp instead.
+_lib_sock_path() {
+	_LIB_SOCK="$T/$1"
+	if test "${#_LIB_SOCK}" -gt 100; then
+		test -n "$_LIB_SOCKDIR" || _LIB_SOCKDIR=$(mktemp -d /tmp/kbtest.XXXXXX)
+		_LIB_SOCK="$_LIB_SOCKDIR/$1"
+	fi
+}
+
 # shellcheck disable=SC2120 # the blocks are optional
 kbridged_conf() {
 	local block name given=" "
@@ -305,14 +329,8 @@ kbridged_conf() {
 		name=$(printf '%s\n' "$block" | sed -nE '1s/^[[:space:]]*([A-Za-z_][A-Za-z0-9_-]*).*/\1/p')
 		given+="$name "
 	done
-	# A unix socket path must fit in sun_path (108 bytes): deep build
-	# directories get a short one under /tmp instead.
-	local sock="$T/kb.sock"
-	if test "${#sock}" -gt 100; then
-		test -n "$_LIB_SOCKDIR" || _LIB_SOCKDIR=$(mktemp -d /tmp/kbtest.XXXXXX)
-		sock="$_LIB_SOCKDIR/kb.sock"
-	fi
-	ADDR="unix:$sock"
+	_lib_sock_path kb.sock
+	ADDR="unix:$_LIB_SOCK"
 	{
 		echo "# written by $TEST_NAME.sh (tests/system/lib.sh)"
 		case $given in *" listen "*) ;; *) echo "listen = [ \"$ADDR\" ];" ;; esac
@@ -339,8 +357,13 @@ kbridged_start() {
 	local from=1
 	test -f "$T/kbridged.log" && from=$(($(wc -l <"$T/kbridged.log") + 1))
 	_lib_ready() { tail -n +"$from" "$T/kbridged.log" | grep -q 'kbridged ready'; }
+	local envs=()
+	test -n "$NOTIFY_SOCK" && envs+=("NOTIFY_SOCKET=$NOTIFY_SOCK")
+	# shellcheck disable=SC2206 # NAME=VALUE words
+	envs+=(${KBRIDGED_ENV:-})
+	# env execs the daemon (or its wrapper): $! is the daemon's pid.
 	# shellcheck disable=SC2086 # the wrapper is a command line to split
-	${KBRIDGED_WRAPPER:-} "$KBRIDGED" -c "$T/kbridged.conf" 2>>"$T/kbridged.log" &
+	env "${envs[@]}" ${KBRIDGED_WRAPPER:-} "$KBRIDGED" -c "$T/kbridged.conf" 2>>"$T/kbridged.log" &
 	KBRIDGED_PID=$!
 	for ((i = 0; i < timeout * 10; i++)); do
 		_lib_ready && break
@@ -374,6 +397,53 @@ kbridged_stop() {
 	KBRIDGED_PID=
 	echo "kbridged exited with status $rc after SIG$sig"
 	return "$rc"
+}
+
+# --- sd_notify ---
+
+notify_listen() {
+	_lib_sock_path notify.sock
+	NOTIFY_SOCK=$_LIB_SOCK
+	rm -f "$NOTIFY_SOCK"
+	: >"$T/notify.log"
+	# One datagram may hold several assignments (STOPPING=1\nSTATUS=...).
+	"$PYTHON3" -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a") as log:
+    while True:
+        data = s.recv(65536).decode("utf-8", "backslashreplace")
+        for line in data.splitlines():
+            if line:
+                log.write(line + "\n")
+        log.flush()' "$NOTIFY_SOCK" "$T/notify.log" &
+	NOTIFY_PID=$!
+	local i
+	for ((i = 0; i < 100; i++)); do
+		test -S "$NOTIFY_SOCK" && break
+		kill -0 "$NOTIFY_PID" 2>/dev/null || fail "the notify listener died"
+		sleep 0.1
+	done
+	test -S "$NOTIFY_SOCK" || fail "the notify listener did not bind $NOTIFY_SOCK in 10 s"
+	ok "listening for sd_notify datagrams at $NOTIFY_SOCK"
+}
+
+notify_has() {
+	grep -Eq -- "$1" "$T/notify.log"
+}
+
+notify_wait() {
+	local i secs=${2:-30}
+	for ((i = 0; i < secs * 10; i++)); do
+		notify_has "$1" && break
+		sleep 0.1
+	done
+	notify_has "$1" || fail "no sd_notify message matching /$1/ in ${secs}s; got: $(tail -n 5 "$T/notify.log" | tr '\n' '|')"
+	ok "sd_notify: $(grep -Em 1 -- "$1" "$T/notify.log")"
+}
+
+notify_last() {
+	sed -n "s/^$1=//p" "$T/notify.log" | tail -n 1
 }
 
 # --- clients ---

@@ -10,6 +10,10 @@
 //   node client.js subscribe --address A --topic T [--topic T2]... --from earliest|latest
 //                            --count N [--max-batch M] [--timeout S]
 //   node client.js rate      --address A --topic T --records N --size B --per-request K [--streams S]
+//   node client.js stream    --address A --topic T --records N --size B --per-request K
+//                            [publish options] [--empty-topic INDEX]... [--bad-partition INDEX:P]...
+//                            PublishStream: prints {code, details, seqs, results} where results
+//                            has [record, sequence, partition, offset, code, error] per record
 //
 // Addresses are grpc-js targets: host:port or unix:/path. Run with
 // NODE_PATH=$NODE_MODULES when node_modules is not next to this file.
@@ -24,13 +28,14 @@ const USAGE = `usage: client.js publish|subscribe|rate [options]
   publish:   --topic T --records N --size B --per-request K [--key-prefix P] [--header k=v]...
              [--partition P] [--big-record INDEX:BYTES]
   subscribe: --topic T [--topic T2]... --from earliest|latest --count N [--max-batch M]
-  rate:      --topic T --records N --size B --per-request K [--streams S]`;
+  rate:      --topic T --records N --size B --per-request K [--streams S]
+  stream:    publish options and [--empty-topic INDEX]... [--bad-partition INDEX:P]...`;
 
 // Options that may be given more than once collect into arrays.
-const REPEATABLE = new Set(['topic', 'header']);
+const REPEATABLE = new Set(['topic', 'header', 'empty-topic', 'bad-partition']);
 const KNOWN = new Set(['address', 'proto-dir', 'timeout', 'topic', 'records', 'size',
 	'per-request', 'key-prefix', 'header', 'partition', 'big-record', 'from', 'count',
-	'max-batch', 'streams']);
+	'max-batch', 'streams', 'empty-topic', 'bad-partition']);
 
 function usage(msg) {
 	process.stderr.write(`client.js: ${msg}\n${USAGE}\n`);
@@ -38,7 +43,7 @@ function usage(msg) {
 }
 
 function parseArgs(argv) {
-	const opts = { header: [], topic: [] };
+	const opts = { header: [], topic: [], 'empty-topic': [], 'bad-partition': [] };
 	for (let i = 0; i < argv.length; i++) {
 		const a = argv[i];
 		if (!a.startsWith('--'))
@@ -199,21 +204,40 @@ function publishRequests(opts, reuseValue) {
 		bigIndex = Number(m[1]);
 		bigSize = Number(m[2]);
 	}
+	// Single spoilt records, to test per-record results (stream command).
+	const emptyTopic = new Set(opts['empty-topic'].map((s) => {
+		if (!/^\d+$/.test(s))
+			usage(`--empty-topic wants an INDEX, not '${s}'`);
+		return Number(s);
+	}));
+	const badPartition = new Map(opts['bad-partition'].map((s) => {
+		const m = /^(\d+):(\d+)$/.exec(s);
+		if (!m)
+			usage(`--bad-partition wants INDEX:PARTITION, not '${s}'`);
+		return [Number(m[1]), Number(m[2])];
+	}));
 	const shared = reuseValue ? valueFor(0, size) : null;
 	const record = (n) => {
-		const r = { topic, value: n === bigIndex ? valueFor(n, bigSize) :
-			(shared || valueFor(n, size)) };
+		const r = { topic: emptyTopic.has(n) ? '' : topic,
+			value: n === bigIndex ? valueFor(n, bigSize) : (shared || valueFor(n, size)) };
 		if (keyPrefix !== undefined)
 			r.key = Buffer.from(keyPrefix + n);
 		if (headers.length > 0)
 			r.headers = headers;
 		if (partition !== undefined)
 			r.partition = partition;
+		if (badPartition.has(n))
+			r.partition = badPartition.get(n);
 		return r;
 	};
 	return {
 		records,
 		count: Math.ceil(records / perRequest),
+		numbers(i) {
+			const first = i * perRequest;
+			const last = Math.min(records, first + perRequest);
+			return Array.from({ length: last - first }, (_, k) => first + k);
+		},
 		make(i) {
 			const first = i * perRequest;
 			const last = Math.min(records, first + perRequest);
@@ -262,6 +286,50 @@ async function cmdRate(opts) {
 		records_per_s: Math.round(acked / secs),
 		requests_per_s: Math.round(requests.count * streams / secs),
 	}) + '\n');
+}
+
+// One PublishStream call: writes every request (with back-pressure), half-closes,
+// and collects every ack. Resolves to { err, seqs, results }.
+function streamOnce(client, opts, requests) {
+	return new Promise((resolve) => {
+		const seqs = [], results = [];
+		const state = { done: false, onDone: null };
+		const call = client.PublishStream({ deadline: deadlineFrom(opts) });
+		const end = (err) => {
+			if (state.done)
+				return;
+			state.done = true;
+			if (state.onDone)
+				state.onDone();
+			resolve({ err, seqs, results });
+		};
+		call.on('data', (ack) => {
+			const seq = Number(ack.sequence);
+			const numbers = seq < requests.count ? requests.numbers(seq) : [];
+			seqs.push(seq);
+			ack.results.forEach((r, j) => results.push([numbers[j] === undefined ? null : numbers[j],
+				seq, r.partition, Number(r.offset), r.code, r.error]));
+		});
+		call.on('error', (err) => end(err));
+		// 'status' comes after the last 'data' and, for OK, without an 'error'.
+		call.on('status', (st) => {
+			if (st.code === 0)
+				end(null);
+		});
+		writeAll(call, requests, state);
+	});
+}
+
+async function cmdStream(opts) {
+	const { client } = loadBridge(opts);
+	const { err, seqs, results } = await streamOnce(client, opts, publishRequests(opts, false));
+	client.close();
+	const out = err ? JSON.parse(errorJson(err)) : { code: 0, details: '', durable: null };
+	out.seqs = seqs;
+	out.results = results;
+	process.stdout.write(JSON.stringify(out) + '\n');
+	if (err)
+		process.exitCode = 1;
 }
 
 // A received record as one JSON line; keys and values are shown as UTF-8 text
@@ -332,7 +400,7 @@ function cmdSubscribe(opts) {
 
 function main() {
 	const [cmd, ...rest] = process.argv.slice(2);
-	const commands = { publish: cmdPublish, subscribe: cmdSubscribe, rate: cmdRate };
+	const commands = { publish: cmdPublish, subscribe: cmdSubscribe, rate: cmdRate, stream: cmdStream };
 	if (!commands[cmd])
 		usage(cmd ? `unknown command '${cmd}'` : 'no command given');
 	const r = commands[cmd](parseArgs(rest));

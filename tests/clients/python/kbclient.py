@@ -12,13 +12,22 @@ Commands (see `kbclient.py COMMAND --help`):
   subscribe  Subscribe; prints one JSON line per record on stdout, "READY" on
              stderr once the initial metadata arrived, and the JSON result as
              "RESULT {...}" on stderr (and in --result FILE).
+  stream     Publish generated records over one PublishStream call; prints a
+             JSON result with every ack and every record's result.
+  produce    Publish generated records in one Produce call; prints the results.
+  topics     Call ListTopics; prints the topics and their partition counts.
+  flood      Many concurrent Publish calls of big requests (memory bounds).
+  storm      Many threads that open Publish/PublishStream calls and cancel them
+             or drop their connections mid-stream; logs what was acknowledged.
   rpc        Call Produce, PublishStream or ListTopics once; prints a JSON result.
   raw        Send raw bytes to any method path (no protobuf encoding), to test
              undecodable requests and unknown methods; prints a JSON result.
 
 Records are numbered: record i has value "v<i>-" padded with "x" to --size
 bytes, key "<key-prefix><i>" when --key-prefix is given, the --header
-headers and, with --index-header NAME, a header NAME=<i>.
+headers and, with --index-header NAME, a header NAME=<i>. --empty-topic,
+--big-record and --bad-partition (repeatable) spoil single records, counted
+from 0 in the run.
 
 The JSON result has "code" (gRPC status code number), "code_name", "details",
 "durable" (the kbridge-durable-requests trailer as an int, or null) and
@@ -121,10 +130,11 @@ class RecordMaker:
     def make(self, i, local):
         a = self.args
         size = a.size
-        if a.big_record and local == a.big_record[0]:
-            size = a.big_record[1]
+        for idx, big in a.big_record:
+            if local == idx:
+                size = big
         rec = bridge_pb2.Record(topic=a.topic, value=self.value(i, size))
-        if a.empty_topic is not None and local == a.empty_topic:
+        if local in a.empty_topic:
             rec.topic = ""
         if a.key_prefix is not None:
             rec.key = f"{a.key_prefix}{i}".encode()
@@ -134,6 +144,9 @@ class RecordMaker:
             rec.headers.add(key=a.index_header, value=str(i).encode())
         if a.partition is not None:
             rec.partition = a.partition
+        for idx, part in getattr(a, "bad_partition", ()):
+            if local == idx:
+                rec.partition = part
         return rec
 
 
@@ -247,6 +260,313 @@ def cmd_publish(args):
     res = res or result_of(grpc.StatusCode.OK)
     res["calls"] = calls
     res["acked_records"] = acked
+    return finish(args, res)
+
+
+# --- stream, produce, topics ---
+
+PUBLISH_STREAM = "/kbridge.v1.Bridge/PublishStream"
+# Field 1 (records) says 5 bytes follow; one does: protobuf cannot decode it.
+UNDECODABLE = b"\x0a\x05\x01"
+
+
+def parse_partition(s):
+    idx, sep, part = s.partition(":")
+    try:
+        return int(idx), int(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: want INDEX:PARTITION")
+
+
+def record_spoilers(sp):
+    sp.add_argument("--big-record", type=parse_big, action="append", default=[],
+                    metavar="INDEX:SIZE",
+                    help="record INDEX (from 0 in this run) gets a value of SIZE bytes (repeatable)")
+    sp.add_argument("--empty-topic", type=int, action="append", default=[], metavar="INDEX",
+                    help="record INDEX (from 0 in this run) gets an empty topic (repeatable)")
+    sp.add_argument("--bad-partition", type=parse_partition, action="append", default=[],
+                    metavar="INDEX:PARTITION",
+                    help="record INDEX (from 0 in this run) gets explicit PARTITION (repeatable)")
+
+
+def record_options(sp):
+    sp.add_argument("--topic", required=True)
+    sp.add_argument("--records", type=int, default=1, help="records to send (default 1)")
+    sp.add_argument("--size", type=int, default=100, help="value bytes (default 100)")
+    sp.add_argument("--start", type=int, default=0, help="number of the first record")
+    sp.add_argument("--key-prefix", help="key each record with PREFIX<i>")
+    sp.add_argument("--header", type=parse_header, action="append", default=[],
+                    metavar="KEY=VALUE", help="a header on every record (repeatable)")
+    sp.add_argument("--index-header", metavar="NAME", help="a header NAME=<i> on every record")
+    sp.add_argument("--partition", type=int, help="explicit partition for every record")
+    record_spoilers(sp)
+
+
+def ack_results(ack, numbers):
+    """[[record number, sequence, partition, offset, code, error], ...] of one ack."""
+    out = []
+    for j, r in enumerate(ack.results):
+        i = numbers[j] if j < len(numbers) else None
+        out.append([i, ack.sequence, r.partition, r.offset, r.code, r.error])
+    return out
+
+
+class AckLog:
+    """Appends "NUMBER PARTITION OFFSET" for each record acknowledged with code 0,
+    flushed at once: a client killed later has logged every ack it saw."""
+
+    def __init__(self, path):
+        self.f = open(path, "a") if path else None
+        self.lock = threading.Lock()
+
+    def write(self, rows):
+        if not self.f:
+            return
+        with self.lock:
+            for i, _, part, off, code, _ in rows:
+                if code == 0:
+                    self.f.write(f"{i} {part} {off}\n")
+            self.f.flush()
+
+
+def stream_call(args, chan, maker, acklog=None, on_call=None):
+    """One PublishStream call of args.records records (args.per_request a request).
+
+    With --garbage-after N, once N acks have arrived the next request is
+    undecodable bytes and the stream is not half-closed. With --cancel-after N,
+    the call is cancelled --cancel-delay seconds after gRPC took N requests."""
+    call_fn = chan.stream_stream(PUBLISH_STREAM, request_serializer=None,
+                                 response_deserializer=bridge_pb2.PublishAck.FromString)
+    numbers = {}          # sequence -> record numbers of that request
+    state = {"acks": 0, "sent": 0, "records_sent": 0}
+    cond = threading.Condition()
+    release = threading.Event()
+    reached = threading.Event()
+
+    def requests():
+        i, end, seq = args.start, args.start + args.records, 0
+        while i < end:
+            if args.cancel_after is not None and seq == args.cancel_after:
+                reached.set()
+                release.wait()
+                return
+            if args.garbage_after is not None and seq == args.garbage_after:
+                with cond:
+                    cond.wait_for(lambda: state["acks"] >= seq or release.is_set(), args.timeout)
+                state["garbage_sent"] = True
+                yield UNDECODABLE
+                release.wait()
+                return
+            n = min(args.per_request, end - i)
+            numbers[seq] = list(range(i, i + n))
+            req = bridge_pb2.PublishRequest(
+                records=[maker.make(i + j, i + j - args.start) for j in range(n)])
+            seq += 1
+            state["sent"] = seq
+            state["records_sent"] += n
+            yield req.SerializeToString()
+            i += n
+            if args.delay:
+                time.sleep(args.delay)
+        if args.garbage_after is not None and seq == args.garbage_after:
+            with cond:
+                cond.wait_for(lambda: state["acks"] >= seq or release.is_set(), args.timeout)
+            state["garbage_sent"] = True
+            yield UNDECODABLE
+            release.wait()
+        reached.set()
+
+    call = call_fn(requests(), timeout=args.timeout)
+    if on_call:
+        on_call(call)
+    seqs, results = [], []
+    cancelled_by_us = False
+
+    def canceller():
+        nonlocal cancelled_by_us
+        while not reached.wait(0.05):
+            if release.is_set():
+                return
+        if release.is_set():
+            return
+        time.sleep(args.cancel_delay)
+        cancelled_by_us = True
+        call.cancel()
+
+    if args.cancel_after is not None:
+        threading.Thread(target=canceller, daemon=True).start()
+    try:
+        for ack in call:
+            rows = ack_results(ack, numbers.get(ack.sequence, []))
+            seqs.append(ack.sequence)
+            results.extend(rows)
+            if acklog:
+                acklog.write(rows)
+            with cond:
+                state["acks"] += 1
+                cond.notify_all()
+        res = result_of(grpc.StatusCode.OK, "", call.trailing_metadata())
+    except grpc.RpcError as e:
+        if cancelled_by_us or e.code() == grpc.StatusCode.CANCELLED:
+            res = result_of(grpc.StatusCode.CANCELLED, e.details() or "cancelled")
+        else:
+            res = result_of(e.code(), e.details(), e.trailing_metadata())
+    finally:
+        release.set()
+        with cond:
+            cond.notify_all()
+    res.update(seqs=seqs, results=results, sent_requests=state["sent"],
+               sent_records=state["records_sent"], garbage_sent=state.get("garbage_sent", False),
+               cancelled_by_client=cancelled_by_us)
+    return res
+
+
+def cmd_stream(args):
+    chan = channel_for(args)
+    res = stream_call(args, chan, RecordMaker(args), AckLog(args.ack_log))
+    chan.close()
+    return finish(args, res)
+
+
+def cmd_produce(args):
+    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+    maker = RecordMaker(args)
+    req = bridge_pb2.PublishRequest(
+        records=[maker.make(args.start + j, j) for j in range(args.records)])
+    try:
+        ack = stub.Produce(req, timeout=args.timeout)
+        res = result_of(grpc.StatusCode.OK)
+        res["sequence"] = ack.sequence
+        res["results"] = ack_results(ack, list(range(args.start, args.start + args.records)))
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+    return finish(args, res)
+
+
+def cmd_topics(args):
+    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+    try:
+        resp = stub.ListTopics(bridge_pb2.ListTopicsRequest(), timeout=args.timeout)
+        res = result_of(grpc.StatusCode.OK)
+        res["topics"] = [[t.name, t.partitions] for t in resp.topics]
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+    return finish(args, res)
+
+
+# --- storm ---
+
+class StormArgs:
+    """The per-call settings stream_call and publish_call read from args."""
+
+    def __init__(self, base, **kw):
+        self.__dict__.update(vars(base))
+        self.__dict__.update(kw)
+
+
+def storm_client(args, tid, acklog, counts, lock):
+    """One storm client: --rounds calls, each on its own channel (connection)."""
+    import random
+    rnd = random.Random(args.seed * 100003 + tid)
+    for rnd_no in range(args.rounds):
+        first = (tid * args.rounds + rnd_no) * 100000
+        nreq = rnd.randint(1, args.max_requests)
+        how = rnd.choice(["cancel", "cancel", "close", "complete"])
+        kind = rnd.choice(["publish", "stream"])
+        cut = rnd.randint(0, nreq) if how != "complete" else None
+        a = StormArgs(args, start=first, records=nreq * args.per_request,
+                      cancel_after=cut if how == "cancel" else None,
+                      cancel_delay=rnd.random() * 0.2, garbage_after=None, hang=False,
+                      delay=args.delay, big_record=[], empty_topic=[], bad_partition=[],
+                      partition=None, index_header=None, header=[], size=50,
+                      timeout=args.timeout)
+        chan = channel_for(args)
+        maker = RecordMaker(a)
+        if how == "close":
+            # Drops the connection under the running call after a while.
+            threading.Timer(rnd.random() * 0.5, chan.close).start()
+        try:
+            if kind == "stream":
+                res = stream_call(a, chan, maker, acklog)
+            else:
+                res, resp = publish_call(a, bridge_pb2_grpc.BridgeStub(chan), maker,
+                                         first, a.records)
+                if res["code"] == 0:
+                    acklog.write([[i, 0, -1, -1, 0, ""] for i in range(first, first + a.records)])
+        except ValueError:
+            # grpc raises this when the channel was closed before the call started.
+            res = {"code_name": "CLOSED"}
+        finally:
+            chan.close()
+        with lock:
+            key = f"{kind}/{how}/{res['code_name']}"
+            counts[key] = counts.get(key, 0) + 1
+
+
+def cmd_storm(args):
+    acklog = AckLog(args.ack_log)
+    counts, lock = {}, threading.Lock()
+    threads = [threading.Thread(target=storm_client, args=(args, args.first_client + t,
+                                                           acklog, counts, lock), daemon=True)
+               for t in range(args.clients)]
+    print("STARTED", file=sys.stderr, flush=True)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    res = result_of(grpc.StatusCode.OK)
+    res["calls"] = counts
+    return finish(args, res)
+
+
+# --- flood ---
+
+def flood_stream(args, stub, sid, out):
+    """One Publish call of about --bytes bytes in requests of --request-bytes."""
+    per = args.records_per_request
+    size = max(1, args.request_bytes // per - 32)
+    value = b"m" * size
+    nreq = max(1, args.bytes // args.request_bytes)
+
+    def requests():
+        for r in range(nreq):
+            yield bridge_pb2.PublishRequest(records=[
+                bridge_pb2.Record(topic=args.topic, key=f"m{sid}-{r * per + j}".encode(),
+                                  value=value) for j in range(per)])
+
+    try:
+        resp = stub.Publish(requests(), timeout=args.timeout)
+        res = result_of(grpc.StatusCode.OK)
+        res["records"] = resp.records
+    except grpc.RpcError as e:
+        res = result_of(e.code(), e.details(), e.trailing_metadata())
+        res["records"] = 0
+    res["sent"] = nreq * per
+    out[sid] = res
+
+
+def cmd_flood(args):
+    chans = [channel_for(args) for _ in range(args.channels)]
+    stubs = [bridge_pb2_grpc.BridgeStub(c) for c in chans]
+    out = {}
+    threads = [threading.Thread(target=flood_stream, args=(args, stubs[s % len(stubs)], s, out),
+                                daemon=True) for s in range(args.streams)]
+    begin = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = {s: r for s, r in out.items() if r["code"] != 0 or r["records"] != r["sent"]}
+    if failed:
+        s, r = next(iter(failed.items()))
+        res = result_of(CODES[r["code_name"]] if r["code"] else grpc.StatusCode.INTERNAL,
+                        f"{len(failed)} of {args.streams} streams failed; stream {s}: "
+                        f"{r['code_name']} {r['details']} ({r['records']} of {r['sent']} records)")
+    else:
+        res = result_of(grpc.StatusCode.OK)
+    res["streams"] = args.streams
+    res["records"] = sum(r["records"] for r in out.values())
+    res["seconds"] = round(time.monotonic() - begin, 3)
     return finish(args, res)
 
 
@@ -398,10 +718,7 @@ def main():
                     metavar="KEY=VALUE", help="a header on every record (repeatable)")
     sp.add_argument("--index-header", metavar="NAME", help="a header NAME=<i> on every record")
     sp.add_argument("--partition", type=int, help="explicit partition for every record")
-    sp.add_argument("--big-record", type=parse_big, metavar="INDEX:SIZE",
-                    help="record INDEX (from 0 in this run) gets a value of SIZE bytes")
-    sp.add_argument("--empty-topic", type=int, metavar="INDEX",
-                    help="record INDEX (from 0 in this run) gets an empty topic")
+    record_spoilers(sp)
     sp.add_argument("--delay", type=float, default=0, help="seconds to sleep between requests")
     sp.add_argument("--cancel-after", type=int, metavar="N",
                     help="cancel the call once gRPC has taken N requests")
@@ -414,6 +731,62 @@ def main():
     sp.add_argument("--acked-log", metavar="FILE",
                     help="with --per-call: append 'FIRST LAST' for each acknowledged call")
     sp.set_defaults(func=cmd_publish)
+
+    sp = sub.add_parser("stream", help="publish generated records over one PublishStream call")
+    common(sp, 120)
+    record_options(sp)
+    sp.add_argument("--per-request", type=int, default=1, help="records per PublishRequest")
+    sp.add_argument("--delay", type=float, default=0, help="seconds to sleep between requests")
+    sp.add_argument("--cancel-after", type=int, metavar="N",
+                    help="cancel the call once gRPC has taken N requests")
+    sp.add_argument("--cancel-delay", type=float, default=0.2,
+                    help="seconds between the Nth request and the cancel (default 0.2)")
+    sp.add_argument("--garbage-after", type=int, metavar="N",
+                    help="once N acks arrived, send undecodable bytes as request N "
+                         "and keep the stream open")
+    sp.add_argument("--ack-log", metavar="FILE",
+                    help="append 'NUMBER PARTITION OFFSET' for each record acknowledged OK")
+    sp.set_defaults(func=cmd_stream)
+
+    sp = sub.add_parser("produce", help="publish generated records in one Produce call")
+    common(sp, 30)
+    record_options(sp)
+    sp.set_defaults(func=cmd_produce)
+
+    sp = sub.add_parser("topics", help="list the topics (ListTopics)")
+    common(sp, 30)
+    sp.set_defaults(func=cmd_topics)
+
+    sp = sub.add_parser("storm", help="threads that cancel calls or drop connections")
+    common(sp, 60)
+    sp.add_argument("--topic", required=True)
+    sp.add_argument("--clients", type=int, default=50, help="threads (default 50)")
+    sp.add_argument("--first-client", type=int, default=0,
+                    help="number of the first thread: record numbers derive from it")
+    sp.add_argument("--rounds", type=int, default=3, help="calls per thread (default 3)")
+    sp.add_argument("--per-request", type=int, default=5, help="records per request")
+    sp.add_argument("--max-requests", type=int, default=40, help="most requests per call")
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--delay", type=float, default=0.02,
+                    help="seconds between requests (default 0.02)")
+    sp.add_argument("--key-prefix", default="s", help="key prefix (default s)")
+    sp.add_argument("--ack-log", metavar="FILE", required=True,
+                    help="append 'NUMBER PARTITION OFFSET' for each record acknowledged OK "
+                         "(-1 -1 for Publish calls)")
+    sp.set_defaults(func=cmd_storm)
+
+    sp = sub.add_parser("flood", help="many concurrent Publish calls of big requests")
+    common(sp, 600)
+    sp.add_argument("--topic", required=True)
+    sp.add_argument("--streams", type=int, default=100, help="concurrent calls (default 100)")
+    sp.add_argument("--channels", type=int, default=10,
+                    help="connections the calls are spread over (default 10)")
+    sp.add_argument("--bytes", type=int, default=20000000, help="bytes per call (default 20 MB)")
+    sp.add_argument("--request-bytes", type=int, default=65536,
+                    help="bytes per request (default 64 KiB)")
+    sp.add_argument("--records-per-request", type=int, default=4,
+                    help="records per request (default 4); record s-i has key m<s>-<i>")
+    sp.set_defaults(func=cmd_flood)
 
     sp = sub.add_parser("subscribe", help="subscribe and print records as JSON lines")
     common(sp, 60)
@@ -442,8 +815,10 @@ def main():
     sp.set_defaults(func=cmd_raw)
 
     args = p.parse_args()
-    if args.command == "publish" and (args.per_request < 1 or args.records < 0):
-        p.error("--per-request must be >= 1 and --records >= 0")
+    if args.command in ("publish", "stream", "storm") and args.per_request < 1:
+        p.error("--per-request must be >= 1")
+    if getattr(args, "records", 0) < 0:
+        p.error("--records must be >= 0")
     sys.exit(args.func(args))
 
 
