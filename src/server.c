@@ -202,6 +202,12 @@ int server_init(const struct conf *c)
 		 .value.integer = c->publish_max_request_bytes},
 		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = -1},
 		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_PING_STRIKES, .value.integer = 0},
+		/* HTTP/2 flow control must push back on a publisher that kbridged stops
+		 * reading: without these, gRPC's bandwidth-delay probing grows every stream's
+		 * receive window to megabytes it buffers on our behalf, and 100 paused streams
+		 * held ~500 MB regardless of publish.max_inflight_bytes_total. */
+		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_BDP_PROBE, .value.integer = 0},
+		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, .value.integer = 65536},
 	};
 	grpc_channel_args chargs = {.num_args = ARRAY_SIZE(args), .args = args};
 
