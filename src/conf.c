@@ -51,6 +51,7 @@ static const struct setting settings[] = {
 	{"publish.max_inflight_bytes_total", CT_INT, F(publish_max_inflight_bytes_total), 268435456, 1024,
 	 2147483647, NULL},
 	{"publish.auto_create_topics", CT_BOOL, F(publish_auto_create_topics), 0, 0, 1, NULL},
+	{"subscribe.max_subscribers", CT_INT, F(subscribe_max_subscribers), 10000, 1, 1000000, NULL},
 	{"subscribe.max_batch", CT_INT, F(subscribe_max_batch), 500, 1, 100000, NULL},
 	{"subscribe.buffer_records", CT_INT, F(subscribe_buffer_records), 10000, 1, 1000000, NULL},
 };

@@ -32,6 +32,7 @@ struct conf {
 	int publish_max_inflight_bytes;
 	int publish_max_inflight_bytes_total;
 	bool publish_auto_create_topics;
+	int subscribe_max_subscribers;
 	int subscribe_max_batch;
 	int subscribe_buffer_records;
 };

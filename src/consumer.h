@@ -1,46 +1,101 @@
-/* consumer: readers that tail Kafka topics for subscriptions.
+/* consumer: reading Kafka for subscriptions, with one shared read per topic.
  *
- * A reader is one librdkafka consumer (assign(), no group) and one thread that resolves
- * the start offsets, then fetches and hands records to its sink. For now each subscription
- * has its own reader; a shared reader per topic (fan-out) fits behind the same sink.
+ * A subscription resolves its start offsets once (a small pool of setup threads asks
+ * Kafka), then each of its topics is served either by the topic's shared reader (one
+ * librdkafka consumer and one thread per topic, fanned out to every subscriber whose
+ * position it has reached) or, while the subscriber is behind the shared reader (it
+ * started in the past, or it was too slow to keep up), by a private catch-up reader that
+ * hands the subscriber over to the shared reader once it has caught up.
  *
- * Threads and locks: reader_start/wake/stop from any thread; the sink's callbacks run on
- * the reader's thread, never under the reader's lock, so a sink may call reader_wake
- * while holding its own lock. */
+ * Threads and locks: readers_lock (the list of shared readers) → tr->lock (one shared
+ * reader) → cs->lock (one subscription), always in that order. Sink callbacks run on
+ * reader and setup threads: deliver() under tr->lock when shared, started() and
+ * stopped() under no lock of ours. A sink must not call into this module while holding a
+ * lock that its callbacks take. */
 #ifndef KB_CONSUMER_H
 #define KB_CONSUMER_H
 
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <grpc/status.h>
-#include <librdkafka/rdkafka.h>
 
 #include "codec.h"
 #include "conf.h"
 
-struct reader;
+struct rec_header {
+	const char *name;
+	const uint8_t *value;
+	size_t len;
+};
+
+/* One record read from Kafka, copied out of librdkafka once and shared by reference by
+ * every subscriber it is fanned out to. */
+struct rec {
+	atomic_int refs;
+	const char *topic;
+	int32_t partition;
+	int64_t offset;
+	int64_t timestamp;
+	const uint8_t *key, *value; /* NULL when absent */
+	size_t key_len, value_len;
+	size_t n_headers;
+	struct rec_header *headers;
+};
+
+/* Drops a reference; the record is freed with the last. Any thread. */
+void rec_release(struct rec *r);
+
+/* Where a subscription starts, per topic: the next offset of every partition. */
+struct start_topic {
+	const char *topic;
+	int n_partitions;
+	const int64_t *offsets; /* indexed by partition */
+};
+
+struct start_info {
+	size_t n_topics;
+	const struct start_topic *topics; /* in the request's order */
+	/* Records below the log start that a requested position asked for and that
+	 * no longer exist: "TOPIC:PARTITION:FROM-TO,..." (NULL when none). */
+	const char *skipped;
+};
 
 struct reader_sink {
-	/* The start offsets are fixed (code OK) or the reader cannot start (code, msg). */
-	void (*started)(void *arg, grpc_status_code code, const char *msg);
-	/* Takes up to n records (their ownership) and returns how many it took; when fewer,
-	 * the reader keeps the rest and waits for reader_wake(). */
-	size_t (*deliver)(void *arg, rd_kafka_message_t **msgs, size_t n);
-	/* Last call: the reader is gone and holds no record of the sink's. */
+	/* The start offsets are fixed (code OK, info set) or the subscription cannot
+	 * start (code, msg; info NULL). Called once. */
+	void (*started)(void *arg, grpc_status_code code, const char *msg, const struct start_info *info);
+	/* Takes up to n records in order (a reference each, to rec_release later) and
+	 * returns how many it took. Taking fewer says the subscriber is full: a shared
+	 * reader then moves it to a catch-up reader; a catch-up reader waits for
+	 * consumer_wake(). */
+	size_t (*deliver)(void *arg, struct rec **recs, size_t n);
+	/* Reading failed after the start (a catch-up reader could not be opened): the
+	 * subscription should end with code and msg. */
+	void (*failed)(void *arg, grpc_status_code code, const char *msg);
+	/* Last call, after consumer_unsubscribe: nothing of this module refers to the
+	 * subscription any more. */
 	void (*stopped)(void *arg);
 };
 
-/* Keeps c and brokers for the readers to come. */
+struct csub;
+
+/* Keeps c and brokers; starts the setup threads. */
 void consumer_init(const struct conf *c, const char *brokers);
-/* Starts a reader for req's topics and start position. Never NULL; failures come
- * through sink->started. */
-struct reader *reader_start(const Kbridge__V1__SubscribeRequest *req, const struct reader_sink *sink,
-			    void *arg);
-/* The sink has room again. */
-void reader_wake(struct reader *r);
-/* Asks the reader to stop; sink->stopped follows from its thread. */
-void reader_stop(struct reader *r);
-/* Waits until every reader has stopped. */
+/* Starts serving req (validated: topics, start, positions of those topics). Never NULL;
+ * failures come through sink->started. */
+struct csub *consumer_subscribe(const Kbridge__V1__SubscribeRequest *req, const struct reader_sink *sink,
+				void *arg);
+/* The subscriber has room again. */
+void consumer_wake(struct csub *cs);
+/* Ends the subscription's reading; the owner calls it exactly once, whatever happened,
+ * and not under a lock its sink callbacks take. sink->stopped follows (maybe at once,
+ * on this thread). */
+void consumer_unsubscribe(struct csub *cs);
+/* Shared readers alive now (for status lines and tests). */
+size_t consumer_shared_readers(void);
+/* Waits until every subscription has stopped, then ends the shared readers. */
 void consumer_shutdown(void);
 
 #endif

@@ -53,8 +53,8 @@ static int take_signal(const sigset_t *set, int timeout_ms)
 
 static void notify_status(const char *brokers)
 {
-	sd_notifyf(0, "STATUS=serving: %zu publish calls, %zu subscriptions; Kafka at %s",
-		   publish_active(), subscribe_active(), brokers);
+	sd_notifyf(0, "STATUS=serving: %zu publish calls, %zu subscriptions (%zu shared readers); Kafka at %s",
+		   publish_active(), subscribe_active(), consumer_shared_readers(), brokers);
 }
 
 /* Waits for Kafka to answer once. Returns 0, or the signal that ended the wait. */

@@ -1,16 +1,19 @@
 /* subscribe: the Subscribe RPC. Each call is a struct sub_call with an explicit state and
- * a bounded ring of records its reader filled; one SEND_MESSAGE is outstanding at a time
- * and carries up to max_batch records.
+ * a bounded ring of records its readers filled (see consumer.h); one SEND_MESSAGE is
+ * outstanding at a time and carries up to max_batch records. The call keeps, per
+ * partition, the next offset after what it has sent: the position a client resumes from,
+ * sent as trailing metadata "kbridge-positions" when the stream ends.
  *
  * Threads and locks: sc->lock guards the whole sub_call; registry_lock guards the list of
- * live calls and is taken first. The reader calls in (started/deliver/stopped) without
- * holding its own lock; we call reader_wake/stop holding sc->lock.
+ * live calls and is taken first. Reader callbacks come in under the consumer's locks
+ * (which come before sc->lock), so this file never calls into the consumer while holding
+ * sc->lock: consumer_unsubscribe and consumer_wake are called after unlocking.
  *
- * Ownership: buffered rd_kafka_message_t belong to the call until they are encoded into a
- * response (then destroyed) or dropped when the subscription ends — always before the
- * reader's consumer is destroyed, since reader_stop comes after the drop. */
+ * Ownership: each buffered struct rec holds one reference, released when the record is
+ * encoded into a response or dropped with the subscription. */
 #include "config.h"
 
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,12 +30,18 @@
 #define RESPONSE_SOFT_BYTES (1024 * 1024)
 
 enum sub_state {
-	SUB_STARTING,  /* the reader is fixing the start offsets */
+	SUB_STARTING,  /* the consumer is fixing the start offsets */
 	SUB_STREAMING, /* records flow */
-	SUB_ENDING,    /* a status is due (or the client left); the reader is stopping */
+	SUB_ENDING,    /* a status is due (or the client left); reading is stopping */
 };
 
 static const char *const state_names[] = {"starting", "streaming", "ending"};
+
+struct sub_topic {
+	char *name;
+	int n_parts;
+	int64_t *pos; /* next offset after what was sent, per partition */
+};
 
 struct sub_call {
 	struct tag t_close, t_send, t_status;
@@ -43,18 +52,25 @@ struct sub_call {
 	pthread_mutex_t lock;
 	enum sub_state state;
 	bool send_busy, md_sent, status_sent, closed;
-	int refs; /* batches outstanding + the reader while it runs */
-	struct reader *reader;
+	bool unsubscribed;  /* consumer_unsubscribe was called (or is due) */
+	int refs;           /* batches outstanding + the consumer until on_stopped */
+	struct csub *cs;
 	size_t max_batch;
 
-	rd_kafka_message_t **ring;
+	struct rec **ring;
 	size_t cap, head, count;
-	bool reader_waiting; /* the reader holds records we had no room for */
+	bool reader_waiting; /* a catch-up reader holds records we had no room for */
+
+	struct sub_topic *topics; /* set when started */
+	size_t n_topics;
+	char *skipped;            /* kbridge-skipped, for the initial metadata */
 
 	grpc_status_code end_code;
 	char *end_msg;
 	grpc_byte_buffer *send_bb;
 	grpc_slice details;
+	grpc_metadata md_out[1];  /* initial (kbridge-skipped) or trailing (kbridge-positions) */
+	char *md_text;
 
 	struct sub_call *prev, *next;
 };
@@ -67,11 +83,12 @@ static atomic_size_t n_active;
 static void close_done(struct tag *t, bool ok);
 static void send_done(struct tag *t, bool ok);
 static void status_done(struct tag *t, bool ok);
-static void on_started(void *arg, grpc_status_code code, const char *msg);
-static size_t on_deliver(void *arg, rd_kafka_message_t **msgs, size_t n);
+static void on_started(void *arg, grpc_status_code code, const char *msg, const struct start_info *info);
+static size_t on_deliver(void *arg, struct rec **recs, size_t n);
+static void on_failed(void *arg, grpc_status_code code, const char *msg);
 static void on_stopped(void *arg);
 
-static const struct reader_sink sink = {on_started, on_deliver, on_stopped};
+static const struct reader_sink sink = {on_started, on_deliver, on_failed, on_stopped};
 
 void subscribe_init(const struct conf *c)
 {
@@ -104,74 +121,86 @@ static void start_batch(struct sub_call *sc, const grpc_op *ops, size_t n, struc
 static void drop_buffer(struct sub_call *sc)
 {
 	while (sc->count) {
-		rd_kafka_message_destroy(sc->ring[sc->head]);
+		rec_release(sc->ring[sc->head]);
 		sc->head = (sc->head + 1) % sc->cap;
 		sc->count--;
 	}
 }
 
-/* Encodes up to max_batch buffered records into one response and destroys them. */
+/* Records that r was sent: the position moves past it. */
+static void advance(struct sub_call *sc, const struct rec *r)
+{
+	for (size_t t = 0; t < sc->n_topics; t++)
+		if (strcmp(sc->topics[t].name, r->topic) == 0) {
+			if (r->partition >= 0 && r->partition < sc->topics[t].n_parts)
+				sc->topics[t].pos[r->partition] = r->offset + 1;
+			return;
+		}
+}
+
+/* "TOPIC:PARTITION:OFFSET,..." for every partition of every topic: what a client passes
+ * back as `positions` to resume. NULL before the start offsets are known. */
+static char *positions_text(const struct sub_call *sc)
+{
+	char *buf = NULL;
+	size_t len = 0;
+
+	if (!sc->topics)
+		return NULL;
+	FILE *f = open_memstream(&buf, &len);
+	for (size_t t = 0; t < sc->n_topics; t++)
+		for (int p = 0; p < sc->topics[t].n_parts; p++)
+			fprintf(f, "%s%s:%d:%" PRId64, (t || p) ? "," : "", sc->topics[t].name, p,
+				sc->topics[t].pos[p]);
+	fclose(f);
+	return buf;
+}
+
+/* Encodes up to max_batch buffered records (and about RESPONSE_SOFT_BYTES) into one
+ * response and releases them. */
 static grpc_byte_buffer *take_batch(struct sub_call *sc)
 {
 	size_t n = sc->count < sc->max_batch ? sc->count : sc->max_batch;
-	Kbridge__V1__Record *recs = xcalloc(n, sizeof(*recs));
-	Kbridge__V1__Record **rp = xcalloc(n, sizeof(*rp));
-	Kbridge__V1__Header **hp = NULL;
-	Kbridge__V1__Header *hs = NULL;
 	size_t n_hdrs = 0, bytes = 0, k;
 
-	/* Headers first: count them, to allocate once. */
-	for (k = 0; k < n; k++) {
-		rd_kafka_message_t *m = sc->ring[(sc->head + k) % sc->cap];
-		rd_kafka_headers_t *h;
-		bytes += m->len + m->key_len;
-		if (rd_kafka_message_headers(m, &h) == RD_KAFKA_RESP_ERR_NO_ERROR)
-			n_hdrs += rd_kafka_header_cnt(h);
-		if (bytes >= RESPONSE_SOFT_BYTES) {
-			k++;
+	for (k = 0; k < n;) {
+		const struct rec *r = sc->ring[(sc->head + k) % sc->cap];
+		bytes += r->value_len + r->key_len;
+		n_hdrs += r->n_headers;
+		k++;
+		if (bytes >= RESPONSE_SOFT_BYTES)
 			break;
-		}
 	}
 	n = k;
-	if (n_hdrs) {
-		hs = xcalloc(n_hdrs, sizeof(*hs));
-		hp = xcalloc(n_hdrs, sizeof(*hp));
-	}
+	Kbridge__V1__Record *recs = xcalloc(n, sizeof(*recs));
+	Kbridge__V1__Record **rp = xcalloc(n, sizeof(*rp));
+	Kbridge__V1__Header *hs = n_hdrs ? xcalloc(n_hdrs, sizeof(*hs)) : NULL;
+	Kbridge__V1__Header **hp = n_hdrs ? xcalloc(n_hdrs, sizeof(*hp)) : NULL;
 	size_t hi = 0;
 	for (k = 0; k < n; k++) {
-		rd_kafka_message_t *m = sc->ring[(sc->head + k) % sc->cap];
+		const struct rec *m = sc->ring[(sc->head + k) % sc->cap];
 		Kbridge__V1__Record *r = &recs[k];
-		rd_kafka_headers_t *h;
-		rd_kafka_timestamp_type_t tstype;
 
 		kbridge__v1__record__init(r);
-		r->topic = (char *)rd_kafka_topic_name(m->rkt);
-		r->key.data = m->key;
+		r->topic = (char *)m->topic;
+		r->key.data = (uint8_t *)m->key;
 		r->key.len = m->key_len;
-		r->value.data = m->payload;
-		r->value.len = m->len;
+		r->value.data = (uint8_t *)m->value;
+		r->value.len = m->value_len;
 		r->placement_case = KBRIDGE__V1__RECORD__PLACEMENT_PARTITION;
 		r->partition = m->partition;
 		r->offset = m->offset;
-		r->timestamp_ms = rd_kafka_message_timestamp(m, &tstype);
-		if (rd_kafka_message_headers(m, &h) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-			size_t cnt = rd_kafka_header_cnt(h);
-			r->headers = &hp[hi];
-			for (size_t j = 0; j < cnt; j++) {
-				const char *name;
-				const void *val;
-				size_t len;
-				if (rd_kafka_header_get_all(h, j, &name, &val, &len))
-					break;
-				kbridge__v1__header__init(&hs[hi]);
-				hs[hi].key = (char *)name;
-				hs[hi].value.data = (uint8_t *)val;
-				hs[hi].value.len = val ? len : 0;
-				hp[hi] = &hs[hi];
-				hi++;
-				r->n_headers++;
-			}
+		r->timestamp_ms = m->timestamp;
+		r->headers = &hp[hi];
+		for (size_t j = 0; j < m->n_headers; j++) {
+			kbridge__v1__header__init(&hs[hi]);
+			hs[hi].key = (char *)m->headers[j].name;
+			hs[hi].value.data = (uint8_t *)m->headers[j].value;
+			hs[hi].value.len = m->headers[j].len;
+			hp[hi] = &hs[hi];
+			hi++;
 		}
+		r->n_headers = m->n_headers;
 		rp[k] = r;
 	}
 	Kbridge__V1__SubscribeResponse resp = KBRIDGE__V1__SUBSCRIBE_RESPONSE__INIT;
@@ -179,7 +208,9 @@ static grpc_byte_buffer *take_batch(struct sub_call *sc)
 	resp.records = rp;
 	grpc_byte_buffer *bb = codec_encode(&resp.base);
 	for (k = 0; k < n; k++) {
-		rd_kafka_message_destroy(sc->ring[sc->head]);
+		struct rec *m = sc->ring[sc->head];
+		advance(sc, m);
+		rec_release(m);
 		sc->head = (sc->head + 1) % sc->cap;
 		sc->count--;
 	}
@@ -203,7 +234,16 @@ static void send_status(struct sub_call *sc)
 	sc->details = grpc_slice_from_copied_string(sc->end_msg ? sc->end_msg : "");
 	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
 	ops[n].data.send_status_from_server.status = sc->end_code;
-	ops[n++].data.send_status_from_server.status_details = &sc->details;
+	ops[n].data.send_status_from_server.status_details = &sc->details;
+	free(sc->md_text);
+	sc->md_text = positions_text(sc);
+	if (sc->md_text) {
+		sc->md_out[0].key = grpc_slice_from_static_string("kbridge-positions");
+		sc->md_out[0].value = grpc_slice_from_static_string(sc->md_text);
+		ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+		ops[n].data.send_status_from_server.trailing_metadata = sc->md_out;
+	}
+	n++;
 	sc->status_sent = true;
 	start_batch(sc, ops, n, &sc->t_status);
 }
@@ -225,13 +265,20 @@ static void pump(struct sub_call *sc)
 	op.data.send_message.send_message = sc->send_bb;
 	sc->send_busy = true;
 	start_batch(sc, &op, 1, &sc->t_send);
-	if (sc->reader_waiting && sc->reader) {
-		sc->reader_waiting = false;
-		reader_wake(sc->reader);
-	}
 }
 
-/* Ends the subscription with code (unless the client already left). Under sc->lock. */
+/* The consumer to wake, if a catch-up reader waits for room and there is some now. Under
+ * sc->lock; the caller wakes it after unlocking. */
+static struct csub *wake_due(struct sub_call *sc)
+{
+	if (!sc->reader_waiting || sc->count >= sc->cap || !sc->cs || sc->unsubscribed)
+		return NULL;
+	sc->reader_waiting = false;
+	return sc->cs;
+}
+
+/* Ends the subscription with code (unless the client already left). Under sc->lock;
+ * the caller then calls unlock_and_notify. */
 static void end(struct sub_call *sc, grpc_status_code code, const char *msg)
 {
 	if (sc->state == SUB_ENDING)
@@ -240,9 +287,7 @@ static void end(struct sub_call *sc, grpc_status_code code, const char *msg)
 	sc->end_code = code;
 	sc->end_msg = msg ? xstrdup(msg) : NULL;
 	drop_buffer(sc);
-	if (sc->reader)
-		reader_stop(sc->reader);
-	if (code != GRPC_STATUS_OK && !sc->closed)
+	if (code != GRPC_STATUS_OK && code != GRPC_STATUS_CANCELLED && !sc->closed)
 		log_info("subscribe %p ends with %s: %s", (void *)sc, status_name(code), msg ? msg : "");
 	pump(sc);
 }
@@ -261,7 +306,14 @@ static void destroy(struct sub_call *sc)
 	log_debug("subscribe %p: freed", (void *)sc);
 	drop_buffer(sc);
 	free(sc->ring);
+	for (size_t t = 0; t < sc->n_topics; t++) {
+		free(sc->topics[t].name);
+		free(sc->topics[t].pos);
+	}
+	free(sc->topics);
+	free(sc->skipped);
 	free(sc->end_msg);
+	free(sc->md_text);
 	grpc_call_unref(sc->call);
 	grpc_metadata_array_destroy(&sc->md);
 	pthread_mutex_destroy(&sc->lock);
@@ -269,10 +321,26 @@ static void destroy(struct sub_call *sc)
 	atomic_fetch_sub(&n_active, 1);
 }
 
-static void unref_unlock(struct sub_call *sc)
+/* Unlocks sc, then tells the consumer what it must know (never under sc->lock), then drops
+ * one reference if unref. */
+static void unlock_and_notify(struct sub_call *sc, bool unref)
 {
-	bool last = --sc->refs == 0;
+	struct csub *unsub = NULL, *wake = wake_due(sc);
+
+	/* Before consumer_subscribe returned, sc->cs is NULL: the caller that sets it calls
+	 * here again. */
+	if (sc->state == SUB_ENDING && !sc->unsubscribed && sc->cs) {
+		sc->unsubscribed = true;
+		unsub = sc->cs;
+		wake = NULL;
+	}
+	bool last = unref && --sc->refs == 0;
 	pthread_mutex_unlock(&sc->lock);
+	/* The consumer's reference (dropped in on_stopped) keeps sc alive through these. */
+	if (wake)
+		consumer_wake(wake);
+	if (unsub)
+		consumer_unsubscribe(unsub);
 	if (last)
 		destroy(sc);
 }
@@ -294,23 +362,42 @@ static const char *request_problem(const Kbridge__V1__SubscribeRequest *req, grp
 		return "not a valid kbridge.v1.SubscribeRequest message";
 	if (req->n_topics == 0)
 		return "no topics: set at least one topic to subscribe to";
-	for (size_t i = 0; i < req->n_topics; i++)
+	for (size_t i = 0; i < req->n_topics; i++) {
 		if (!topic_name_ok(req->topics[i])) {
 			snprintf(buf, size, "topic %zu: \"%.64s\" is not a valid Kafka topic name", i,
 				 req->topics[i]);
 			return buf;
 		}
+		for (size_t j = 0; j < i; j++)
+			if (strcmp(req->topics[i], req->topics[j]) == 0) {
+				snprintf(buf, size, "topic \"%.64s\" is listed twice", req->topics[i]);
+				return buf;
+			}
+	}
+	for (size_t i = 0; i < req->n_positions; i++) {
+		const Kbridge__V1__Position *p = req->positions[i];
+		bool listed = false;
+		for (size_t j = 0; j < req->n_topics; j++)
+			listed |= strcmp(p->topic, req->topics[j]) == 0;
+		if (!listed) {
+			snprintf(buf, size, "position %zu: topic \"%.64s\" is not one of the subscription's topics",
+				 i, p->topic);
+			return buf;
+		}
+		if (p->partition < 0 || p->offset < 0) {
+			snprintf(buf, size, "position %zu: partition and offset must not be negative", i);
+			return buf;
+		}
+	}
+	if (req->start != KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST &&
+	    req->start != KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST &&
+	    req->start != KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP)
+		return "unknown start: use LATEST, EARLIEST or TIMESTAMP";
+	if (req->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP && req->start_timestamp_ms < 0)
+		return "start=TIMESTAMP needs start_timestamp_ms >= 0 (milliseconds since the epoch)";
 	*code = GRPC_STATUS_UNIMPLEMENTED;
 	if (req->group[0])
 		return "consumer groups (group) are not implemented by this version of kbridged";
-	if (req->n_positions)
-		return "resuming from positions is not implemented by this version of kbridged";
-	if (req->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP)
-		return "start=TIMESTAMP is not implemented by this version of kbridged";
-	*code = GRPC_STATUS_INVALID_ARGUMENT;
-	if (req->start != KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST &&
-	    req->start != KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST)
-		return "unknown start: use LATEST, EARLIEST or TIMESTAMP";
 	return NULL;
 }
 
@@ -325,6 +412,12 @@ void subscribe_handle(struct incoming *in)
 		req = (Kbridge__V1__SubscribeRequest *)codec_decode(
 			&kbridge__v1__subscribe_request__descriptor, in->payload);
 	const char *why = request_problem(req, &code, buf, sizeof(buf));
+	if (!why && atomic_load(&n_active) >= (size_t)conf->subscribe_max_subscribers) {
+		code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+		snprintf(buf, sizeof(buf), "this kbridged serves its maximum of %d subscriptions "
+			 "(subscribe.max_subscribers); try another instance", conf->subscribe_max_subscribers);
+		why = buf;
+	}
 	if (why) {
 		server_reject(in, code, why); /* frees the payload */
 		if (req)
@@ -359,35 +452,56 @@ void subscribe_handle(struct incoming *in)
 	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
 	op.data.recv_close_on_server.cancelled = &sc->cancelled;
 	start_batch(sc, &op, 1, &sc->t_close);
-	sc->refs++; /* the reader's, dropped in on_stopped */
-	sc->reader = reader_start(req, &sink, sc);
-	log_debug("subscribe %p: %zu topics from %s", (void *)sc, req->n_topics,
-		  req->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST ? "earliest" : "latest");
+	sc->refs++; /* the consumer's, dropped in on_stopped */
+	log_debug("subscribe %p: %zu topics, start %d, %zu positions", (void *)sc, req->n_topics,
+		  (int)req->start, req->n_positions);
 	pthread_mutex_unlock(&sc->lock);
+	/* Not under sc->lock: the consumer may call back at once. sc->cs is set before any
+	 * callback can need it, since callbacks take sc->lock and the setup runs later. */
+	struct csub *cs = consumer_subscribe(req, &sink, sc);
+	pthread_mutex_lock(&sc->lock);
+	sc->cs = cs;
+	unlock_and_notify(sc, false);
 	protobuf_c_message_free_unpacked(&req->base, NULL);
 }
 
-static void on_started(void *arg, grpc_status_code code, const char *msg)
+static void on_started(void *arg, grpc_status_code code, const char *msg, const struct start_info *info)
 {
 	struct sub_call *sc = arg;
 
 	pthread_mutex_lock(&sc->lock);
-	if (sc->state == SUB_STARTING) {
-		if (code != GRPC_STATUS_OK) {
-			end(sc, code, msg);
-		} else {
-			/* Initial metadata tells the client its start offsets are fixed. */
-			grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
-			set_state(sc, SUB_STREAMING);
-			sc->md_sent = true;
-			sc->send_busy = true;
-			start_batch(sc, &op, 1, &sc->t_send);
+	if (sc->state == SUB_STARTING && code != GRPC_STATUS_OK) {
+		end(sc, code, msg);
+	} else if (sc->state == SUB_STARTING) {
+		sc->n_topics = info->n_topics;
+		sc->topics = xcalloc(info->n_topics, sizeof(*sc->topics));
+		for (size_t t = 0; t < info->n_topics; t++) {
+			struct sub_topic *st = &sc->topics[t];
+			st->name = xstrdup(info->topics[t].topic);
+			st->n_parts = info->topics[t].n_partitions;
+			st->pos = xmalloc(st->n_parts * sizeof(*st->pos));
+			memcpy(st->pos, info->topics[t].offsets, st->n_parts * sizeof(*st->pos));
 		}
+		/* Initial metadata tells the client its start offsets are fixed, and which
+		 * requested records no longer exist. */
+		grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
+		if (info->skipped) {
+			sc->skipped = xstrdup(info->skipped);
+			sc->md_out[0].key = grpc_slice_from_static_string("kbridge-skipped");
+			sc->md_out[0].value = grpc_slice_from_static_string(sc->skipped);
+			op.data.send_initial_metadata.count = 1;
+			op.data.send_initial_metadata.metadata = sc->md_out;
+			log_info("subscribe %p: requested records no longer in Kafka: %s", (void *)sc, sc->skipped);
+		}
+		set_state(sc, SUB_STREAMING);
+		sc->md_sent = true;
+		sc->send_busy = true;
+		start_batch(sc, &op, 1, &sc->t_send);
 	}
-	pthread_mutex_unlock(&sc->lock);
+	unlock_and_notify(sc, false);
 }
 
-static size_t on_deliver(void *arg, rd_kafka_message_t **msgs, size_t n)
+static size_t on_deliver(void *arg, struct rec **recs, size_t n)
 {
 	struct sub_call *sc = arg;
 	size_t took = 0;
@@ -396,18 +510,32 @@ static size_t on_deliver(void *arg, rd_kafka_message_t **msgs, size_t n)
 	if (sc->state == SUB_ENDING) {
 		/* Nobody will read these: take and drop them. */
 		for (; took < n; took++)
-			rd_kafka_message_destroy(msgs[took]);
+			rec_release(recs[took]);
 	} else {
 		for (; took < n && sc->count < sc->cap; took++) {
-			sc->ring[(sc->head + sc->count) % sc->cap] = msgs[took];
+			sc->ring[(sc->head + sc->count) % sc->cap] = recs[took];
 			sc->count++;
 		}
 		if (took < n)
 			sc->reader_waiting = true;
 		pump(sc);
 	}
+	/* Under the consumer's locks we may only wake it (cs->lock comes after tr->lock),
+	 * and only after releasing sc->lock. */
+	struct csub *wake = wake_due(sc);
 	pthread_mutex_unlock(&sc->lock);
+	if (wake)
+		consumer_wake(wake);
 	return took;
+}
+
+static void on_failed(void *arg, grpc_status_code code, const char *msg)
+{
+	struct sub_call *sc = arg;
+
+	pthread_mutex_lock(&sc->lock);
+	end(sc, code, msg);
+	unlock_and_notify(sc, false);
 }
 
 static void on_stopped(void *arg)
@@ -415,8 +543,11 @@ static void on_stopped(void *arg)
 	struct sub_call *sc = arg;
 
 	pthread_mutex_lock(&sc->lock);
-	sc->reader = NULL;
-	unref_unlock(sc);
+	sc->cs = NULL;
+	bool last = --sc->refs == 0;
+	pthread_mutex_unlock(&sc->lock);
+	if (last)
+		destroy(sc);
 }
 
 static void send_done(struct tag *t, bool ok)
@@ -432,7 +563,7 @@ static void send_done(struct tag *t, bool ok)
 	if (!ok) /* the stream broke: the client is gone */
 		end(sc, GRPC_STATUS_CANCELLED, NULL);
 	pump(sc);
-	unref_unlock(sc);
+	unlock_and_notify(sc, true);
 }
 
 static void status_done(struct tag *t, bool ok)
@@ -441,7 +572,7 @@ static void status_done(struct tag *t, bool ok)
 
 	pthread_mutex_lock(&sc->lock);
 	grpc_slice_unref(sc->details);
-	unref_unlock(sc);
+	unlock_and_notify(sc, true);
 }
 
 static void close_done(struct tag *t, bool ok)
@@ -453,16 +584,30 @@ static void close_done(struct tag *t, bool ok)
 	if (sc->cancelled && sc->state != SUB_ENDING)
 		log_debug("subscribe %p: the client cancelled or went away", (void *)sc);
 	end(sc, GRPC_STATUS_CANCELLED, NULL);
-	unref_unlock(sc);
+	unlock_and_notify(sc, true);
 }
 
 void subscribe_drain(void)
 {
+	struct sub_call **list = NULL;
+	size_t n = 0;
+
+	/* End them under the registry lock (holding a reference each), tell the consumer
+	 * after releasing it: its callbacks may free calls, which takes the registry lock. */
 	pthread_mutex_lock(&registry_lock);
 	for (struct sub_call *sc = registry; sc; sc = sc->next) {
 		pthread_mutex_lock(&sc->lock);
-		end(sc, GRPC_STATUS_UNAVAILABLE, "kbridged is shutting down; subscribe again to another instance");
+		end(sc, GRPC_STATUS_UNAVAILABLE, "kbridged is shutting down; subscribe again to another "
+						 "instance from the positions in kbridge-positions");
+		sc->refs++;
 		pthread_mutex_unlock(&sc->lock);
+		list = xrealloc(list, (n + 1) * sizeof(*list));
+		list[n++] = sc;
 	}
 	pthread_mutex_unlock(&registry_lock);
+	for (size_t i = 0; i < n; i++) {
+		pthread_mutex_lock(&list[i]->lock);
+		unlock_and_notify(list[i], true);
+	}
+	free(list);
 }
