@@ -48,6 +48,8 @@ struct csub {
 	int live; /* the owner's + setup + shared attachments + catch-up threads */
 	int start;
 	int64_t start_ts;
+	char *group;          /* consumer group, or NULL */
+	rd_kafka_t *group_rk; /* the group member while it reads (guarded by lock) */
 	size_t n_positions;
 	struct {
 		char *topic;
@@ -249,6 +251,7 @@ static void cs_free(struct csub *cs)
 	for (size_t i = 0; i < cs->n_positions; i++)
 		free(cs->positions[i].topic);
 	free(cs->positions);
+	free(cs->group);
 	pthread_mutex_destroy(&cs->lock);
 	pthread_cond_destroy(&cs->cond);
 	free(cs);
@@ -553,6 +556,146 @@ static void private_start(struct tsub *ts)
 	pthread_attr_destroy(&attr);
 }
 
+/* --- consumer groups --- */
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
+			 void *opaque)
+{
+	struct csub *cs = opaque;
+
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+		log_debug("group %s member %p: %d partitions assigned", cs->group, cs->arg, parts->cnt);
+		/* A partition this stream had before restarts after what it was sent,
+		 * even if the commit made when it was taken away did not go through. */
+		rd_kafka_topic_partition_list_t *at = rd_kafka_topic_partition_list_copy(parts);
+		for (int i = 0; i < at->cnt; i++)
+			at->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
+		cs->sink->assign(cs->arg, at);
+		rd_kafka_assign(rk, at);
+		rd_kafka_topic_partition_list_destroy(at);
+		return;
+	}
+	/* Revoked (or lost): commit exactly what the client was sent, so that the next
+	 * owner starts after it and this stream never sees a record twice. */
+	rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_copy(parts);
+	cs->sink->revoke(cs->arg, offsets);
+	rd_kafka_topic_partition_list_t *commit = rd_kafka_topic_partition_list_new(offsets->cnt);
+	for (int i = 0; i < offsets->cnt; i++)
+		if (offsets->elems[i].offset >= 0)
+			rd_kafka_topic_partition_list_add(commit, offsets->elems[i].topic,
+							  offsets->elems[i].partition)->offset = offsets->elems[i].offset;
+	if (commit->cnt && (err = rd_kafka_commit(rk, commit, 0)) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		log_warn("group %s: committing before a rebalance failed: %s (records may come again "
+			 "to the partitions' next owner)", cs->group, rd_kafka_err2str(err));
+	rd_kafka_topic_partition_list_destroy(commit);
+	rd_kafka_topic_partition_list_destroy(offsets);
+	rd_kafka_assign(rk, NULL);
+}
+
+static rd_kafka_t *new_group_member(struct csub *cs, char *errmsg, size_t errsize)
+{
+	rd_kafka_conf_t *kc = rd_kafka_conf_new();
+	const char *reset = cs->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST ? "earliest" : "latest";
+	const char *const fixed[][2] = {
+		{"bootstrap.servers", bootstrap},
+		{"client.id", "kbridged"},
+		{"group.id", cs->group},
+		{"enable.auto.commit", "false"},
+		{"enable.auto.offset.store", "false"},
+		{"enable.partition.eof", "false"},
+		{"allow.auto.create.topics", "false"},
+		{"queued.max.messages.kbytes", "2048"},
+		/* Where a partition with no committed offset starts. */
+		{"auto.offset.reset", reset},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
+		if (rd_kafka_conf_set(kc, fixed[i][0], fixed[i][1], errmsg, errsize) != RD_KAFKA_CONF_OK)
+			goto fail;
+	for (size_t i = 0; i < conf->n_kafka_props; i++)
+		if (rd_kafka_conf_set(kc, conf->kafka_props[i].name, conf->kafka_props[i].value, errmsg,
+				      errsize) != RD_KAFKA_CONF_OK)
+			goto fail;
+	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
+	rd_kafka_conf_set_rebalance_cb(kc, rebalance_cb);
+	rd_kafka_conf_set_opaque(kc, cs);
+	rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errmsg, errsize);
+	if (rk) {
+		rd_kafka_poll_set_consumer(rk);
+		return rk;
+	}
+fail:
+	rd_kafka_conf_destroy(kc);
+	return NULL;
+}
+
+static void *group_main(void *arg)
+{
+	struct csub *cs = arg;
+	struct rec *recs[FETCH_MAX];
+	char errmsg[512];
+
+	rd_kafka_t *rk = new_group_member(cs, errmsg, sizeof(errmsg));
+	if (!rk) {
+		cs->sink->failed(cs->arg, GRPC_STATUS_INTERNAL, errmsg);
+		cs_unref(cs);
+		return NULL;
+	}
+	rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(cs->n_tsubs);
+	for (size_t i = 0; i < cs->n_tsubs; i++)
+		rd_kafka_topic_partition_list_add(topics, cs->tsubs[i].topic, RD_KAFKA_PARTITION_UA);
+	rd_kafka_resp_err_t err = rd_kafka_subscribe(rk, topics);
+	rd_kafka_topic_partition_list_destroy(topics);
+	if (err) {
+		snprintf(errmsg, sizeof(errmsg), "cannot join group %s: %s", cs->group, rd_kafka_err2str(err));
+		cs->sink->failed(cs->arg, GRPC_STATUS_UNAVAILABLE, errmsg);
+	}
+	pthread_mutex_lock(&cs->lock);
+	cs->group_rk = rk;
+	pthread_mutex_unlock(&cs->lock);
+
+	while (!err && !cs_stopping(cs)) {
+		size_t k = 0;
+		/* Gather what is there now, one wait at most. */
+		for (int timeout = 200; k < FETCH_MAX; timeout = 0) {
+			rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, timeout);
+			if (!m)
+				break;
+			if (m->err)
+				log_warn("group %s: %s", cs->group, rd_kafka_message_errstr(m));
+			else
+				recs[k++] = rec_from(m);
+			rd_kafka_message_destroy(m);
+		}
+		size_t done = 0;
+		while (done < k) {
+			done += cs->sink->deliver(cs->arg, recs + done, k - done);
+			if (done < k && !wait_for_room(cs))
+				break;
+		}
+		for (; done < k; done++)
+			rec_release(recs[done]);
+	}
+	pthread_mutex_lock(&cs->lock);
+	cs->group_rk = NULL;
+	pthread_mutex_unlock(&cs->lock);
+	rd_kafka_consumer_close(rk); /* leaves the group: the revoke commits what was sent */
+	rd_kafka_destroy(rk);
+	cs_unref(cs);
+	return NULL;
+}
+
+void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets)
+{
+	pthread_mutex_lock(&cs->lock);
+	if (cs->group_rk) {
+		rd_kafka_resp_err_t err = rd_kafka_commit(cs->group_rk, offsets, 1);
+		if (err)
+			log_debug("group %s: commit: %s", cs->group, rd_kafka_err2str(err));
+	}
+	pthread_mutex_unlock(&cs->lock);
+}
+
 /* --- setup: start offsets --- */
 
 static rd_kafka_t *get_admin(char *errmsg, size_t errsize)
@@ -594,6 +737,11 @@ static grpc_status_code resolve_topic(struct csub *cs, struct tsub *ts, rd_kafka
 	ts->n_parts = md->topics[0].partition_cnt;
 	rd_kafka_metadata_destroy(md);
 	ts->w = xcalloc(ts->n_parts, sizeof(*ts->w));
+	if (cs->group) { /* the group's committed offsets decide where it starts */
+		for (int p = 0; p < ts->n_parts; p++)
+			ts->w[p] = -1;
+		return GRPC_STATUS_OK;
+	}
 
 	int64_t *low = xcalloc(ts->n_parts, sizeof(*low)), *high = xcalloc(ts->n_parts, sizeof(*high));
 	grpc_status_code code = GRPC_STATUS_OK;
@@ -680,6 +828,22 @@ static void setup(struct csub *cs)
 	free(st);
 	free(skipped);
 
+	if (cs->group) {
+		pthread_attr_t attr;
+		pthread_t tid;
+		pthread_mutex_lock(&cs->lock);
+		cs->live++;
+		pthread_mutex_unlock(&cs->lock);
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&tid, &attr, group_main, cs) != 0) {
+			log_error("cannot start a group member thread");
+			abort();
+		}
+		pthread_attr_destroy(&attr);
+		cs_unref(cs);
+		return;
+	}
 	/* LATEST: the shared read (started here if needed). Any other start catches up on
 	 * its own reader first, unless the shared read happens to be where it starts. */
 	bool latest = cs->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST && cs->n_positions == 0;
@@ -745,6 +909,7 @@ struct csub *consumer_subscribe(const Kbridge__V1__SubscribeRequest *req, const 
 	cs->live = 2; /* the owner's (consumer_unsubscribe) and setup's */
 	cs->start = req->start;
 	cs->start_ts = req->start_timestamp_ms;
+	cs->group = req->group[0] ? xstrdup(req->group) : NULL;
 	cs->n_tsubs = req->n_topics;
 	cs->tsubs = xcalloc(req->n_topics, sizeof(*cs->tsubs));
 	for (size_t i = 0; i < req->n_topics; i++) {

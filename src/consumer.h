@@ -5,7 +5,10 @@
  * librdkafka consumer and one thread per topic, fanned out to every subscriber whose
  * position it has reached) or, while the subscriber is behind the shared reader (it
  * started in the past, or it was too slow to keep up), by a private catch-up reader that
- * hands the subscriber over to the shared reader once it has caught up.
+ * hands the subscriber over to the shared reader once it has caught up. A subscription
+ * with a consumer group has its own group member (librdkafka consumer and thread): Kafka
+ * splits the partitions among the group's members, and offsets are committed by the
+ * subscriber once records were sent.
  *
  * Threads and locks: readers_lock (the list of shared readers) → tr->lock (one shared
  * reader) → cs->lock (one subscription), always in that order. Sink callbacks run on
@@ -20,6 +23,7 @@
 #include <stdint.h>
 
 #include <grpc/status.h>
+#include <librdkafka/rdkafka.h>
 
 #include "codec.h"
 #include "conf.h"
@@ -74,6 +78,16 @@ struct reader_sink {
 	/* Reading failed after the start (a catch-up reader could not be opened): the
 	 * subscription should end with code and msg. */
 	void (*failed)(void *arg, grpc_status_code code, const char *msg);
+	/* Consumer groups: Kafka takes parts away from this member. The sink drops the
+	 * records of those partitions it has not sent, waits (briefly) for a send in flight,
+	 * and sets each element's offset to the next offset after what it sent (or
+	 * RD_KAFKA_OFFSET_INVALID), which is then committed before the partitions go. */
+	void (*revoke)(void *arg, rd_kafka_topic_partition_list_t *parts);
+	/* Consumer groups: Kafka gives parts to this member. The sink sets an element's
+	 * offset where it already sent records of that partition (it had it before: start
+	 * after them, whatever the group committed) and leaves RD_KAFKA_OFFSET_INVALID
+	 * elsewhere (start at the committed offset). */
+	void (*assign)(void *arg, rd_kafka_topic_partition_list_t *parts);
 	/* Last call, after consumer_unsubscribe: nothing of this module refers to the
 	 * subscription any more. */
 	void (*stopped)(void *arg);
@@ -87,6 +101,9 @@ void consumer_init(const struct conf *c, const char *brokers);
  * failures come through sink->started. */
 struct csub *consumer_subscribe(const Kbridge__V1__SubscribeRequest *req, const struct reader_sink *sink,
 				void *arg);
+/* Consumer groups: commits offsets (next offsets after records the client was sent).
+ * No-op for other subscriptions, or once reading ended. Any thread, no sink lock held. */
+void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets);
 /* The subscriber has room again. */
 void consumer_wake(struct csub *cs);
 /* Ends the subscription's reading; the owner calls it exactly once, whatever happened,

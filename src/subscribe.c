@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "consumer.h"
 #include "log.h"
@@ -41,6 +42,7 @@ struct sub_topic {
 	char *name;
 	int n_parts;
 	int64_t *pos; /* next offset after what was sent, per partition */
+	bool *owned;  /* groups: the partition is assigned to this member now */
 };
 
 struct sub_call {
@@ -61,6 +63,9 @@ struct sub_call {
 	size_t cap, head, count;
 	bool reader_waiting; /* a catch-up reader holds records we had no room for */
 
+	bool group;               /* a consumer group member: commits after sends */
+	rd_kafka_topic_partition_list_t *commit; /* to commit after unlocking */
+	pthread_cond_t send_cond; /* signalled when a send completes (group revokes wait) */
 	struct sub_topic *topics; /* set when started */
 	size_t n_topics;
 	char *skipped;            /* kbridge-skipped, for the initial metadata */
@@ -86,9 +91,11 @@ static void status_done(struct tag *t, bool ok);
 static void on_started(void *arg, grpc_status_code code, const char *msg, const struct start_info *info);
 static size_t on_deliver(void *arg, struct rec **recs, size_t n);
 static void on_failed(void *arg, grpc_status_code code, const char *msg);
+static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts);
+static void on_assign(void *arg, rd_kafka_topic_partition_list_t *parts);
 static void on_stopped(void *arg);
 
-static const struct reader_sink sink = {on_started, on_deliver, on_failed, on_stopped};
+static const struct reader_sink sink = {on_started, on_deliver, on_failed, on_revoke, on_assign, on_stopped};
 
 void subscribe_init(const struct conf *c)
 {
@@ -138,6 +145,18 @@ static void advance(struct sub_call *sc, const struct rec *r)
 		}
 }
 
+/* The next offsets after what was sent, for every partition sent from (group commits). */
+static rd_kafka_topic_partition_list_t *sent_offsets(const struct sub_call *sc)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(4);
+	for (size_t t = 0; t < sc->n_topics; t++)
+		for (int p = 0; p < sc->topics[t].n_parts; p++)
+			if (sc->topics[t].pos[p] >= 0 && sc->topics[t].owned[p])
+				rd_kafka_topic_partition_list_add(list, sc->topics[t].name, p)->offset =
+					sc->topics[t].pos[p];
+	return list;
+}
+
 /* "TOPIC:PARTITION:OFFSET,..." for every partition of every topic: what a client passes
  * back as `positions` to resume. NULL before the start offsets are known. */
 static char *positions_text(const struct sub_call *sc)
@@ -145,7 +164,8 @@ static char *positions_text(const struct sub_call *sc)
 	char *buf = NULL;
 	size_t len = 0;
 
-	if (!sc->topics)
+	/* A group member resumes from the group's committed offsets, not from these. */
+	if (!sc->topics || sc->group)
 		return NULL;
 	FILE *f = open_memstream(&buf, &len);
 	for (size_t t = 0; t < sc->n_topics; t++)
@@ -309,14 +329,18 @@ static void destroy(struct sub_call *sc)
 	for (size_t t = 0; t < sc->n_topics; t++) {
 		free(sc->topics[t].name);
 		free(sc->topics[t].pos);
+		free(sc->topics[t].owned);
 	}
 	free(sc->topics);
 	free(sc->skipped);
 	free(sc->end_msg);
 	free(sc->md_text);
+	if (sc->commit)
+		rd_kafka_topic_partition_list_destroy(sc->commit);
 	grpc_call_unref(sc->call);
 	grpc_metadata_array_destroy(&sc->md);
 	pthread_mutex_destroy(&sc->lock);
+	pthread_cond_destroy(&sc->send_cond);
 	free(sc);
 	atomic_fetch_sub(&n_active, 1);
 }
@@ -325,7 +349,12 @@ static void destroy(struct sub_call *sc)
  * one reference if unref. */
 static void unlock_and_notify(struct sub_call *sc, bool unref)
 {
-	struct csub *unsub = NULL, *wake = wake_due(sc);
+	struct csub *unsub = NULL, *wake = wake_due(sc), *commit_cs = sc->cs;
+	rd_kafka_topic_partition_list_t *commit = sc->commit;
+
+	sc->commit = NULL;
+	if (sc->unsubscribed)
+		commit_cs = NULL;
 
 	/* Before consumer_subscribe returned, sc->cs is NULL: the caller that sets it calls
 	 * here again. */
@@ -337,6 +366,11 @@ static void unlock_and_notify(struct sub_call *sc, bool unref)
 	bool last = unref && --sc->refs == 0;
 	pthread_mutex_unlock(&sc->lock);
 	/* The consumer's reference (dropped in on_stopped) keeps sc alive through these. */
+	if (commit) {
+		if (commit->cnt && commit_cs)
+			consumer_commit(commit_cs, commit);
+		rd_kafka_topic_partition_list_destroy(commit);
+	}
 	if (wake)
 		consumer_wake(wake);
 	if (unsub)
@@ -395,9 +429,9 @@ static const char *request_problem(const Kbridge__V1__SubscribeRequest *req, grp
 		return "unknown start: use LATEST, EARLIEST or TIMESTAMP";
 	if (req->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP && req->start_timestamp_ms < 0)
 		return "start=TIMESTAMP needs start_timestamp_ms >= 0 (milliseconds since the epoch)";
-	*code = GRPC_STATUS_UNIMPLEMENTED;
-	if (req->group[0])
-		return "consumer groups (group) are not implemented by this version of kbridged";
+	if (req->group[0] && (req->n_positions || req->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP))
+		return "a group member starts where its group's committed offsets are (or LATEST/EARLIEST "
+		       "for partitions without one): positions and start=TIMESTAMP do not apply";
 	return NULL;
 }
 
@@ -433,6 +467,8 @@ void subscribe_handle(struct incoming *in)
 	sc->call = in->call;
 	sc->md = in->md;
 	pthread_mutex_init(&sc->lock, NULL);
+	pthread_cond_init(&sc->send_cond, NULL);
+	sc->group = req->group[0] != 0;
 	sc->state = SUB_STARTING;
 	sc->max_batch = req->max_batch ? req->max_batch : (size_t)conf->subscribe_max_batch;
 	if (sc->max_batch > 100000)
@@ -480,6 +516,7 @@ static void on_started(void *arg, grpc_status_code code, const char *msg, const 
 			st->name = xstrdup(info->topics[t].topic);
 			st->n_parts = info->topics[t].n_partitions;
 			st->pos = xmalloc(st->n_parts * sizeof(*st->pos));
+			st->owned = xcalloc(st->n_parts, sizeof(*st->owned));
 			memcpy(st->pos, info->topics[t].offsets, st->n_parts * sizeof(*st->pos));
 		}
 		/* Initial metadata tells the client its start offsets are fixed, and which
@@ -538,6 +575,62 @@ static void on_failed(void *arg, grpc_status_code code, const char *msg)
 	unlock_and_notify(sc, false);
 }
 
+static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts)
+{
+	struct sub_call *sc = arg;
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += 5;
+	pthread_mutex_lock(&sc->lock);
+	/* A send in flight decides whether its records count as sent: wait for it. */
+	while (sc->send_busy && pthread_cond_timedwait(&sc->send_cond, &sc->lock, &until) == 0)
+		;
+	/* Unsent records of the revoked partitions go back to Kafka (the next owner reads
+	 * them after the commit); the others keep their order. */
+	size_t kept = 0;
+	for (size_t i = 0; i < sc->count; i++) {
+		struct rec *r = sc->ring[(sc->head + i) % sc->cap];
+		bool revoked = false;
+		for (int j = 0; j < parts->cnt && !revoked; j++)
+			revoked = parts->elems[j].partition == r->partition && strcmp(parts->elems[j].topic, r->topic) == 0;
+		if (revoked)
+			rec_release(r);
+		else
+			sc->ring[(sc->head + kept++) % sc->cap] = r;
+	}
+	sc->count = kept;
+	for (int j = 0; j < parts->cnt; j++) {
+		parts->elems[j].offset = RD_KAFKA_OFFSET_INVALID;
+		for (size_t t = 0; t < sc->n_topics; t++)
+			if (strcmp(sc->topics[t].name, parts->elems[j].topic) == 0 && parts->elems[j].partition >= 0 &&
+			    parts->elems[j].partition < sc->topics[t].n_parts) {
+				int32_t p = parts->elems[j].partition;
+				if (sc->topics[t].pos[p] >= 0 && sc->topics[t].owned[p])
+					parts->elems[j].offset = sc->topics[t].pos[p];
+				sc->topics[t].owned[p] = false; /* never commit it again */
+			}
+	}
+	pthread_mutex_unlock(&sc->lock);
+}
+
+static void on_assign(void *arg, rd_kafka_topic_partition_list_t *parts)
+{
+	struct sub_call *sc = arg;
+
+	pthread_mutex_lock(&sc->lock);
+	for (int j = 0; j < parts->cnt; j++)
+		for (size_t t = 0; t < sc->n_topics; t++)
+			if (strcmp(sc->topics[t].name, parts->elems[j].topic) == 0 && parts->elems[j].partition >= 0 &&
+			    parts->elems[j].partition < sc->topics[t].n_parts) {
+				int32_t p = parts->elems[j].partition;
+				sc->topics[t].owned[p] = true;
+				if (sc->topics[t].pos[p] >= 0)
+					parts->elems[j].offset = sc->topics[t].pos[p];
+			}
+	pthread_mutex_unlock(&sc->lock);
+}
+
 static void on_stopped(void *arg)
 {
 	struct sub_call *sc = arg;
@@ -556,9 +649,14 @@ static void send_done(struct tag *t, bool ok)
 
 	pthread_mutex_lock(&sc->lock);
 	sc->send_busy = false;
+	pthread_cond_broadcast(&sc->send_cond);
 	if (sc->send_bb) {
 		grpc_byte_buffer_destroy(sc->send_bb);
 		sc->send_bb = NULL;
+		/* Records are committed only once handed to the client's stream: the
+		 * positions now, before the next batch moves them. */
+		if (ok && sc->group && !sc->commit)
+			sc->commit = sent_offsets(sc);
 	}
 	if (!ok) /* the stream broke: the client is gone */
 		end(sc, GRPC_STATUS_CANCELLED, NULL);
