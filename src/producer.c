@@ -156,7 +156,9 @@ int producer_init(const struct conf *c, const char *brokers, producer_delivery_f
 	}
 	rd_kafka_conf_set_dr_msg_cb(kc, dr_msg_cb);
 	rd_kafka_conf_set_error_cb(kc, error_cb);
-	rd_kafka_conf_set_log_cb(kc, log_rdkafka);
+	/* Role warnings (a consumer property on the producer) are noise: kafka.properties
+	 * serves both, and typos are refused when the file is loaded. */
+	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
 	template = kc;
 	rk = build(errmsg, errsize);
 	if (!rk) {
