@@ -76,7 +76,7 @@ print(f"{acked} acknowledged records checked; kafka holds {len(at)}", file=sys.s
 EOF2
 
 status_zero() {
-	test "$(notify_last STATUS)" = "serving: 0 publish calls, 0 subscriptions; Kafka at $BROKERS"
+	test "$(notify_last STATUS)" = "serving: 0 publish calls, 0 subscriptions (0 shared readers); Kafka at $BROKERS"
 }
 wait_until 60 "sd_notify STATUS with 0 publish calls" status_zero
 ok "STATUS: $(notify_last STATUS)"

@@ -18,7 +18,7 @@ notify_listen
 # --- 1. a plain run: READY, STATUS, STOPPING, no WATCHDOG ---
 kbridged_start
 notify_wait '^READY=1$'
-notify_wait '^STATUS=serving: 0 publish calls, 0 subscriptions; Kafka at '
+notify_wait '^STATUS=serving: 0 publish calls, 0 subscriptions \(0 shared readers\); Kafka at '
 log_has 'kbridged ready'
 
 # A publish call held open (all sent, never half-closed) shows in STATUS
@@ -28,12 +28,12 @@ HUNG=$!
 wait_until 30 "the open publish call sent its records" grep -q '^SENT' "$T/hang.err"
 status_is() { test "$(notify_last STATUS)" = "$1"; }
 wait_until 20 "STATUS with 1 publish call (last: $(notify_last STATUS))" \
-	status_is "serving: 1 publish calls, 0 subscriptions; Kafka at $BROKERS"
+	status_is "serving: 1 publish calls, 0 subscriptions (0 shared readers); Kafka at $BROKERS"
 ok "STATUS counts the open publish call"
 kill_tree "$HUNG" KILL
 wait "$HUNG" 2>/dev/null || true
 wait_until 20 "STATUS back to 0 publish calls after the client was killed" \
-	status_is "serving: 0 publish calls, 0 subscriptions; Kafka at $BROKERS"
+	status_is "serving: 0 publish calls, 0 subscriptions (0 shared readers); Kafka at $BROKERS"
 ok "STATUS back to 0 publish calls"
 
 sleep 1
