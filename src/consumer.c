@@ -175,10 +175,19 @@ static size_t fetch(rd_kafka_queue_t *q, int timeout_ms, struct rec **out, const
 
 /* --- librdkafka handles --- */
 
-static rd_kafka_t *new_consumer(bool with_group, char *errmsg, size_t errsize)
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
+			 void *opaque);
+
+/* A librdkafka consumer. group_id: NULL for the admin handle (queries only),
+ * "kbridged-reader" for readers that use assign() (it needs a group id; no group is
+ * joined or committed to), or a subscription's group, whose member is given as member
+ * (for the rebalance callback). reset: where a partition without a valid offset starts. */
+static rd_kafka_t *new_consumer(const char *group_id, const char *reset, struct csub *member,
+				char *errmsg, size_t errsize)
 {
 	rd_kafka_conf_t *kc = rd_kafka_conf_new();
-	static const char *const fixed[][2] = {
+	const char *const fixed[][2] = {
+		{"bootstrap.servers", bootstrap},
 		{"client.id", "kbridged"},
 		{"enable.auto.commit", "false"},
 		{"enable.auto.offset.store", "false"},
@@ -186,15 +195,11 @@ static rd_kafka_t *new_consumer(bool with_group, char *errmsg, size_t errsize)
 		{"allow.auto.create.topics", "false"},
 		/* A bounded prefetch per reader: memory grows with readers, not with lag. */
 		{"queued.max.messages.kbytes", "2048"},
-		{"auto.offset.reset", "earliest"},
+		{"auto.offset.reset", reset},
+		{"group.id", group_id}, /* last: absent when NULL */
 	};
 
-	if (rd_kafka_conf_set(kc, "bootstrap.servers", bootstrap, errmsg, errsize) != RD_KAFKA_CONF_OK)
-		goto fail;
-	/* assign() needs a group id; no group is ever joined or committed to. */
-	if (with_group && rd_kafka_conf_set(kc, "group.id", "kbridged-reader", errmsg, errsize) != RD_KAFKA_CONF_OK)
-		goto fail;
-	for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
+	for (size_t i = 0; i < ARRAY_SIZE(fixed) - !group_id; i++)
 		if (rd_kafka_conf_set(kc, fixed[i][0], fixed[i][1], errmsg, errsize) != RD_KAFKA_CONF_OK)
 			goto fail;
 	for (size_t i = 0; i < conf->n_kafka_props; i++)
@@ -204,9 +209,16 @@ static rd_kafka_t *new_consumer(bool with_group, char *errmsg, size_t errsize)
 	/* kafka.properties serves producer and consumers alike: the consumers' warnings
 	 * that a producer property is ignored would repeat for every reader. */
 	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
+	if (member) {
+		rd_kafka_conf_set_rebalance_cb(kc, rebalance_cb);
+		rd_kafka_conf_set_opaque(kc, member);
+	}
 	rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errmsg, errsize);
-	if (rk)
+	if (rk) {
+		if (member)
+			rd_kafka_poll_set_consumer(rk);
 		return rk;
+	}
 fail:
 	rd_kafka_conf_destroy(kc);
 	return NULL;
@@ -216,7 +228,7 @@ fail:
 static rd_kafka_t *open_reader(const char *topic, int n_parts, const int64_t *offsets, char *errmsg,
 			       size_t errsize)
 {
-	rd_kafka_t *rk = new_consumer(true, errmsg, errsize);
+	rd_kafka_t *rk = new_consumer("kbridged-reader", "earliest", NULL, errmsg, errsize);
 	if (!rk)
 		return NULL;
 	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(n_parts);
@@ -592,50 +604,15 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic
 	rd_kafka_assign(rk, NULL);
 }
 
-static rd_kafka_t *new_group_member(struct csub *cs, char *errmsg, size_t errsize)
-{
-	rd_kafka_conf_t *kc = rd_kafka_conf_new();
-	const char *reset = cs->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST ? "earliest" : "latest";
-	const char *const fixed[][2] = {
-		{"bootstrap.servers", bootstrap},
-		{"client.id", "kbridged"},
-		{"group.id", cs->group},
-		{"enable.auto.commit", "false"},
-		{"enable.auto.offset.store", "false"},
-		{"enable.partition.eof", "false"},
-		{"allow.auto.create.topics", "false"},
-		{"queued.max.messages.kbytes", "2048"},
-		/* Where a partition with no committed offset starts. */
-		{"auto.offset.reset", reset},
-	};
-
-	for (size_t i = 0; i < ARRAY_SIZE(fixed); i++)
-		if (rd_kafka_conf_set(kc, fixed[i][0], fixed[i][1], errmsg, errsize) != RD_KAFKA_CONF_OK)
-			goto fail;
-	for (size_t i = 0; i < conf->n_kafka_props; i++)
-		if (rd_kafka_conf_set(kc, conf->kafka_props[i].name, conf->kafka_props[i].value, errmsg,
-				      errsize) != RD_KAFKA_CONF_OK)
-			goto fail;
-	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
-	rd_kafka_conf_set_rebalance_cb(kc, rebalance_cb);
-	rd_kafka_conf_set_opaque(kc, cs);
-	rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errmsg, errsize);
-	if (rk) {
-		rd_kafka_poll_set_consumer(rk);
-		return rk;
-	}
-fail:
-	rd_kafka_conf_destroy(kc);
-	return NULL;
-}
-
 static void *group_main(void *arg)
 {
 	struct csub *cs = arg;
 	struct rec *recs[FETCH_MAX];
 	char errmsg[512];
 
-	rd_kafka_t *rk = new_group_member(cs, errmsg, sizeof(errmsg));
+	/* Where a partition with no committed offset starts. */
+	const char *reset = cs->start == KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST ? "earliest" : "latest";
+	rd_kafka_t *rk = new_consumer(cs->group, reset, cs, errmsg, sizeof(errmsg));
 	if (!rk) {
 		cs->sink->failed(cs->arg, GRPC_STATUS_INTERNAL, errmsg);
 		cs_unref(cs);
@@ -702,7 +679,7 @@ static rd_kafka_t *get_admin(char *errmsg, size_t errsize)
 {
 	pthread_mutex_lock(&admin_lock);
 	if (!admin)
-		admin = new_consumer(false, errmsg, errsize);
+		admin = new_consumer(NULL, "earliest", NULL, errmsg, errsize);
 	rd_kafka_t *rk = admin;
 	pthread_mutex_unlock(&admin_lock);
 	return rk;
