@@ -154,12 +154,20 @@ void rec_release(struct rec *r)
 		free(r);
 }
 
-/* Fetches up to FETCH_MAX records from q, as recs (errors are logged and skipped). */
+/* Fetches up to FETCH_MAX records from q, as recs (errors are logged and skipped): waits up
+ * to timeout_ms for the first, then takes what is already there. (A batch consume alone
+ * waits for a full batch or the timeout: latency for nothing.) */
 static size_t fetch(rd_kafka_queue_t *q, int timeout_ms, struct rec **out, const char *who)
 {
 	rd_kafka_message_t *msgs[FETCH_MAX];
-	ssize_t n = rd_kafka_consume_batch_queue(q, timeout_ms, msgs, FETCH_MAX);
+	ssize_t n = 0;
 	size_t k = 0;
+
+	msgs[0] = rd_kafka_consume_queue(q, timeout_ms);
+	if (msgs[0]) {
+		n = rd_kafka_consume_batch_queue(q, 0, msgs + 1, FETCH_MAX - 1);
+		n = n < 0 ? 1 : n + 1;
+	}
 
 	for (ssize_t i = 0; i < n; i++) {
 		if (msgs[i]->err)
@@ -195,6 +203,9 @@ static rd_kafka_t *new_consumer(const char *group_id, const char *reset, struct 
 		{"allow.auto.create.topics", "false"},
 		/* A bounded prefetch per reader: memory grows with readers, not with lag. */
 		{"queued.max.messages.kbytes", "2048"},
+		/* Tailing is about latency: the broker answers a fetch within this even when it
+		 * has less than fetch.min.bytes. kafka.properties may override it. */
+		{"fetch.wait.max.ms", "20"},
 		{"auto.offset.reset", reset},
 		{"group.id", group_id}, /* last: absent when NULL */
 	};
