@@ -155,9 +155,11 @@ void rec_release(struct rec *r)
 }
 
 /* Fetches up to FETCH_MAX records from q, as recs (errors are logged and skipped): waits up
- * to timeout_ms for the first, then takes what is already there. (A batch consume alone
+ * to timeout_ms for the first, then takes what is already there. A position Kafka no
+ * longer has (retention deleted it under a reader) is described in gone, if given. (A batch consume alone
  * waits for a full batch or the timeout: latency for nothing.) */
-static size_t fetch(rd_kafka_queue_t *q, int timeout_ms, struct rec **out, const char *who)
+static size_t fetch(rd_kafka_queue_t *q, int timeout_ms, struct rec **out, const char *who, char *gone,
+		    size_t gonesize)
 {
 	rd_kafka_message_t *msgs[FETCH_MAX];
 	ssize_t n = 0;
@@ -170,7 +172,11 @@ static size_t fetch(rd_kafka_queue_t *q, int timeout_ms, struct rec **out, const
 	}
 
 	for (ssize_t i = 0; i < n; i++) {
-		if (msgs[i]->err)
+		if (msgs[i]->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET && gone && !gone[0])
+			snprintf(gone, gonesize, "%s [%" PRId32 "]: %s",
+				 msgs[i]->rkt ? rd_kafka_topic_name(msgs[i]->rkt) : "-", msgs[i]->partition,
+				 rd_kafka_message_errstr(msgs[i]));
+		else if (msgs[i]->err)
 			log_warn("%s: %s [%" PRId32 "]: %s", who,
 				 msgs[i]->rkt ? rd_kafka_topic_name(msgs[i]->rkt) : "-", msgs[i]->partition,
 				 rd_kafka_message_errstr(msgs[i]));
@@ -235,11 +241,12 @@ fail:
 	return NULL;
 }
 
-/* A consumer reading topic's n_parts partitions from offsets[]; NULL with errmsg. */
-static rd_kafka_t *open_reader(const char *topic, int n_parts, const int64_t *offsets, char *errmsg,
-			       size_t errsize)
+/* A consumer reading topic's n_parts partitions from offsets[]; NULL with errmsg. reset:
+ * what to do when an offset is gone (librdkafka's auto.offset.reset). */
+static rd_kafka_t *open_reader(const char *topic, int n_parts, const int64_t *offsets, const char *reset,
+			       char *errmsg, size_t errsize)
 {
-	rd_kafka_t *rk = new_consumer("kbridged-reader", "earliest", NULL, errmsg, errsize);
+	rd_kafka_t *rk = new_consumer("kbridged-reader", reset, NULL, errmsg, errsize);
 	if (!rk)
 		return NULL;
 	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(n_parts);
@@ -321,7 +328,9 @@ static struct treader *shared_find(const char *topic)
 static struct treader *shared_new(const char *topic, int n_parts, const int64_t *offsets)
 {
 	char errmsg[512];
-	rd_kafka_t *rk = open_reader(topic, n_parts, offsets, errmsg, sizeof(errmsg));
+	/* The shared read is at the end of the log: retention never takes data from under
+	 * it, but a truncated topic restarts it at the earliest record. */
+	rd_kafka_t *rk = open_reader(topic, n_parts, offsets, "earliest", errmsg, sizeof(errmsg));
 	pthread_attr_t attr;
 	pthread_t tid;
 
@@ -446,7 +455,7 @@ static void *shared_main(void *arg)
 
 	snprintf(who, sizeof(who), "shared reader %s", tr->topic);
 	for (;;) {
-		size_t n = fetch(q, 100, recs, who);
+		size_t n = fetch(q, 100, recs, who, NULL, 0);
 		pthread_mutex_lock(&tr->lock);
 		for (size_t i = 0; i < n; i++)
 			if (recs[i]->partition >= 0 && recs[i]->partition < tr->n_parts)
@@ -516,7 +525,10 @@ static void *private_main(void *arg)
 	bool shared = false;
 
 	snprintf(who, sizeof(who), "catch-up reader %s", ts->topic);
-	rd_kafka_t *rk = open_reader(ts->topic, ts->n_parts, ts->w, errmsg, sizeof(errmsg));
+	/* A catch-up reader may be far behind: when retention deletes records under it,
+	 * the subscription ends (DATA_LOSS, with its positions) instead of jumping over them;
+	 * resubscribing from those positions reports the gap in kbridge-skipped. */
+	rd_kafka_t *rk = open_reader(ts->topic, ts->n_parts, ts->w, "error", errmsg, sizeof(errmsg));
 	if (!rk) {
 		log_error("%s: %s", who, errmsg);
 		cs->sink->failed(cs->arg, GRPC_STATUS_UNAVAILABLE, errmsg);
@@ -525,7 +537,8 @@ static void *private_main(void *arg)
 	}
 	rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rk);
 	while (!shared && !cs_stopping(cs)) {
-		size_t n = fetch(q, 200, recs, who), k = 0;
+		char gone[512] = "";
+		size_t n = fetch(q, 200, recs, who, gone, sizeof(gone)), k = 0;
 		for (size_t i = 0; i < n; i++) {
 			if (recs[i]->partition >= 0 && recs[i]->partition < ts->n_parts &&
 			    recs[i]->offset >= ts->w[recs[i]->partition])
@@ -550,6 +563,14 @@ static void *private_main(void *arg)
 			rec_release(recs[i]); /* the reference offered and not taken */
 		for (size_t i = 0; i < k; i++)
 			rec_release(recs[i]);
+		if (gone[0]) {
+			char *msg = xasprintf("Kafka deleted records before this subscriber could read "
+					      "them (%s); subscribe again from kbridge-positions to go on "
+					      "(kbridge-skipped will say what is gone)", gone);
+			cs->sink->failed(cs->arg, GRPC_STATUS_DATA_LOSS, msg);
+			free(msg);
+			break;
+		}
 		/* Caught up with the shared read? Start one if there is none and this
 		 * reader found nothing more to read (it is at the end of the log). */
 		shared = try_share(ts, n == 0);

@@ -2,7 +2,8 @@
  *
  *   kbridge [-a ADDR] [--timeout S] publish -t TOPIC [-k KEY] [-H K=V]... [-p PARTITION]
  *           [-z | --binary] [--batch N] [--acks] [FILE]
- *   kbridge [-a ADDR] [--timeout S] tail -t TOPIC... [--from earliest|latest] [-n COUNT] [-v]
+ *   kbridge [-a ADDR] [--timeout S] tail -t TOPIC... [--from WHERE]... [-g GROUP] [-f FORMAT]
+ *           [-e] [-n COUNT] [-v]
  *
  * Each command makes one call on one channel with one completion queue, which only the
  * main thread waits on (gRPC's I/O is driven by the thread that waits). A tag names the
@@ -114,7 +115,8 @@ static void usage(FILE *f)
 		"      publish each line of FILE (default: standard input) as one record, in one\n"
 		"      stream; print how many records were written and where, once all are durable\n"
 		"      (with --acks: where each record was written, one line per record)\n"
-		"  tail -t TOPIC [-t TOPIC]... [--from earliest|latest] [-n COUNT] [--max-batch N] [-v]\n"
+		"  tail -t TOPIC [-t TOPIC]... [--from WHERE]... [-g GROUP] [-f FORMAT] [-e] [-n COUNT]\n"
+		"       [--max-batch N] [-v]\n"
 		"      print the value of each record of the topics, one per line, as it arrives\n"
 		"\n"
 		"Options (before or after the command):\n"
@@ -142,10 +144,22 @@ static void usage(FILE *f)
 		"  When standard error is a terminal, a progress line shows there while publishing.\n"
 		"tail:\n"
 		"  -t, --topic TOPIC    topic to read; repeat it for several\n"
-		"      --from WHERE     earliest or latest (default: latest)\n"
+		"      --from WHERE     where to start (default: latest): earliest, latest,\n"
+		"                       @TIMESTAMP_MS (the first record at or after that time),\n"
+		"                       or next offsets as PARTITION:OFFSET,... (of the first -t\n"
+		"                       topic) or TOPIC:PARTITION:OFFSET,...; partitions not\n"
+		"                       listed start as the start word says. Repeatable.\n"
+		"  -g, --group GROUP    join consumer group GROUP: its members share the partitions\n"
+		"  -f, --format FORMAT  print each record as FORMAT: %%t topic, %%p partition,\n"
+		"                       %%o offset, %%k key, %%s value, %%h headers (K=V,...),\n"
+		"                       %%T timestamp (ms), %%%% a %%, \\n newline, \\t tab, \\\\ backslash\n"
+		"  -e, --exit           exit (status 0) once no record has come for 1 second: the\n"
+		"                       end of the data there is now, as far as a client can tell\n"
 		"  -n, --count COUNT    exit after COUNT records\n"
 		"      --max-batch N    most records per response message (default: the server's)\n"
-		"  -v, --verbose        print TOPIC/PARTITION@OFFSET key=KEY ts=MS VALUE\n"
+		"  -v, --verbose        print TOPIC/PARTITION@OFFSET key=KEY ts=MS VALUE, and at the\n"
+		"                       end 'kbridge: tail: kbridge-positions: T:P:O,...' on stderr,\n"
+		"                       a --from value to resume from\n"
 		"\n"
 		"Exit status: 0 success, 1 the call failed, 2 usage error, 130 interrupted.\n",
 		MAX_BATCH_RECORDS, DEFAULT_BATCH_RECORDS);
@@ -1247,15 +1261,44 @@ static int cmd_publish(struct global *g, const struct publish_opts *o)
 
 /* ---- tail ---- */
 
+/* -e: the stream counts as at the end of the current data once no record came for this
+ * long after the start offsets were fixed. kbridged has no call that says where the end
+ * is, and the records do not say it either, so quiet time is the only signal a client has. */
+#define EOF_IDLE_MS 1000
+#define POSITIONS_KEY "kbridge-positions"
+#define SKIPPED_KEY "kbridge-skipped"
+
+/* Where tail starts: one start mode plus positions (next offset) for some partitions. */
+struct tail_from {
+	Kbridge__V1__SubscribeRequest__Start start;
+	int64_t timestamp_ms;
+	Kbridge__V1__Position *positions; /* topics point into argv or are NULL: the first -t */
+	size_t n_positions;
+};
+
+/* The next offset after the last record printed, per partition seen. */
+struct tail_pos {
+	char *topic;
+	int32_t partition;
+	int64_t next;
+};
+
 struct tail {
 	grpc_call *call;
 	int batches;
 	uint64_t count, limit; /* limit 0: no limit */
 	bool verbose;
-	bool cancelled;     /* by us: count reached, ^C, or output failed */
+	const char *format;    /* -f, or NULL */
+	bool exit_at_end;      /* -e */
+	bool md_received;
+	int64_t last_activity_ms; /* initial metadata or the last record (for -e) */
+	bool cancelled;     /* by us: count reached, -e, ^C, or output failed */
 	bool limit_reached;
+	bool end_reached;   /* -e: quiet for EOF_IDLE_MS */
 	int output_error;   /* errno of a failed write to stdout */
 	bool bad_response;
+	struct tail_pos *pos;
+	size_t n_pos;
 	grpc_byte_buffer *request;
 	grpc_metadata_array initial_md;
 	grpc_byte_buffer *msg; /* the message RECV_MESSAGE fills */
@@ -1274,8 +1317,62 @@ static void print_escaped(const ProtobufCBinaryData *d)
 	}
 }
 
+/* Checks a -f FORMAT; exits with a usage error naming what is wrong. */
+static void format_check(const char *f)
+{
+	for (const char *p = f; *p; p++) {
+		if (*p != '%' && *p != '\\')
+			continue;
+		if (!p[1])
+			usage_error("--format: '%s' ends with a lone '%c'", f, *p);
+		p++;
+		if (p[-1] == '%' && !strchr("tpokshT%", *p))
+			usage_error("--format: unknown conversion '%%%c' (known: %%t %%p %%o %%k %%s %%h %%T %%%%)", *p);
+		if (p[-1] == '\\' && !strchr("nt\\", *p))
+			usage_error("--format: unknown escape '\\%c' (known: \\n \\t \\\\)", *p);
+	}
+}
+
+/* Headers as kcat prints them: KEY=VALUE,KEY=VALUE, raw bytes. */
+static void print_headers(const Kbridge__V1__Record *r)
+{
+	for (size_t i = 0; i < r->n_headers; i++) {
+		printf("%s%s=", i ? "," : "", r->headers[i]->key);
+		fwrite(r->headers[i]->value.data, 1, r->headers[i]->value.len, stdout);
+	}
+}
+
+static void print_formatted(const char *f, const Kbridge__V1__Record *r)
+{
+	for (const char *p = f; *p; p++) {
+		if (*p == '\\') {
+			p++;
+			putchar(*p == 'n' ? '\n' : *p == 't' ? '\t' : '\\');
+			continue;
+		}
+		if (*p != '%') {
+			putchar(*p);
+			continue;
+		}
+		switch (*++p) {
+		case 't': fputs(r->topic, stdout); break;
+		case 'p': printf("%" PRId32, r->partition); break;
+		case 'o': printf("%" PRId64, r->offset); break;
+		case 'k': fwrite(r->key.data, 1, r->key.len, stdout); break;
+		case 's': fwrite(r->value.data, 1, r->value.len, stdout); break;
+		case 'h': print_headers(r); break;
+		case 'T': printf("%" PRId64, r->timestamp_ms); break;
+		default: putchar('%'); break; /* %% (format_check let nothing else through) */
+		}
+	}
+}
+
 static void tail_print(struct tail *t, const Kbridge__V1__Record *r)
 {
+	if (t->format) {
+		print_formatted(t->format, r);
+		return;
+	}
 	if (t->verbose) {
 		printf("%s/%" PRId32 "@%" PRId64 " key=", r->topic, r->partition, r->offset);
 		print_escaped(&r->key);
@@ -1283,6 +1380,18 @@ static void tail_print(struct tail *t, const Kbridge__V1__Record *r)
 	}
 	fwrite(r->value.data, 1, r->value.len, stdout);
 	putchar('\n');
+}
+
+/* Remembers that r was printed: its partition resumes at r's offset + 1. */
+static void tail_track(struct tail *t, const Kbridge__V1__Record *r)
+{
+	for (size_t i = 0; i < t->n_pos; i++)
+		if (t->pos[i].partition == r->partition && strcmp(t->pos[i].topic, r->topic) == 0) {
+			t->pos[i].next = r->offset + 1;
+			return;
+		}
+	t->pos = xrealloc(t->pos, (t->n_pos + 1) * sizeof(*t->pos));
+	t->pos[t->n_pos++] = (struct tail_pos){xstrdup(r->topic), r->partition, r->offset + 1};
 }
 
 static void tail_cancel(struct tail *t)
@@ -1317,8 +1426,10 @@ static void tail_on_message(struct tail *t)
 		tail_cancel(t);
 		return;
 	}
+	t->last_activity_ms = now_ms();
 	for (size_t i = 0; i < resp->n_records && !t->limit_reached; i++) {
 		tail_print(t, resp->records[i]);
+		tail_track(t, resp->records[i]);
 		if (++t->count == t->limit)
 			t->limit_reached = true;
 	}
@@ -1332,6 +1443,31 @@ static void tail_on_message(struct tail *t)
 	} else if (!t->cancelled) {
 		tail_recv_next(t);
 	}
+}
+
+/* The value of metadata `key` in md, or NULL; *len set. */
+static const char *metadata_value(const grpc_metadata_array *md, const char *key, size_t *len)
+{
+	for (size_t i = 0; i < md->count; i++)
+		if (grpc_slice_str_cmp(md->metadata[i].key, key) == 0) {
+			*len = GRPC_SLICE_LENGTH(md->metadata[i].value);
+			return (const char *)GRPC_SLICE_START_PTR(md->metadata[i].value);
+		}
+	return NULL;
+}
+
+/* The start offsets are fixed. Records deleted before they could be read are never a
+ * silent gap: say which. */
+static void tail_on_initial_md(struct tail *t)
+{
+	size_t len;
+	const char *skipped = metadata_value(&t->initial_md, SKIPPED_KEY, &len);
+
+	t->md_received = true;
+	t->last_activity_ms = now_ms();
+	if (skipped)
+		fprintf(stderr, "kbridge: tail: warning: records were deleted from Kafka before they could "
+				"be read (TOPIC:PARTITION:FROM-TO): %.*s\n", (int)len, skipped);
 }
 
 static void tail_start(struct tail *t)
@@ -1359,23 +1495,56 @@ static void tail_run(struct client *c, struct tail *t)
 
 		if (interrupted)
 			tail_cancel(t);
+		if (t->exit_at_end && t->md_received && !t->cancelled &&
+		    now_ms() - t->last_activity_ms >= EOF_IDLE_MS) {
+			t->end_reached = true;
+			tail_cancel(t);
+		}
 		if (ev.type != GRPC_OP_COMPLETE)
 			continue;
 		t->batches--;
-		if ((enum tag)(intptr_t)ev.tag == TAG_RECV) {
+		switch ((enum tag)(intptr_t)ev.tag) {
+		case TAG_RECV:
 			if (ev.success)
 				tail_on_message(t);
 			else {
 				grpc_byte_buffer_destroy(t->msg);
 				t->msg = NULL;
 			}
+			break;
+		case TAG_RECV_MD:
+			if (ev.success)
+				tail_on_initial_md(t);
+			break;
+		default:
+			break; /* TAG_SEND_MD, TAG_STATUS: the status says all that matters */
 		}
-		/* TAG_SEND_MD, TAG_RECV_MD, TAG_STATUS: the status says all that matters. */
 	}
+}
+
+/* -v: where to resume, on stderr, in the form --from takes. The server's trailer covers
+ * every partition and is exact when it ended the call (we print all we receive); when we
+ * cancelled there is none, and the partitions we printed records from are what we know. */
+static void tail_print_positions(struct tail *t)
+{
+	size_t len;
+	const char *trailer = metadata_value(&t->st.trailing, POSITIONS_KEY, &len);
+
+	if (trailer && !t->limit_reached) {
+		fprintf(stderr, "kbridge: tail: " POSITIONS_KEY ": %.*s\n", (int)len, trailer);
+		return;
+	}
+	fputs("kbridge: tail: " POSITIONS_KEY ": ", stderr);
+	for (size_t i = 0; i < t->n_pos; i++)
+		fprintf(stderr, "%s%s:%" PRId32 ":%" PRId64, i ? "," : "", t->pos[i].topic, t->pos[i].partition,
+			t->pos[i].next);
+	fputc('\n', stderr);
 }
 
 static int tail_result(struct tail *t)
 {
+	if (t->verbose)
+		tail_print_positions(t);
 	if (t->output_error) {
 		fprintf(stderr, "kbridge: standard output: %s\n", strerror(t->output_error));
 		return EXIT_RPC;
@@ -1384,7 +1553,7 @@ static int tail_result(struct tail *t)
 		fputs("kbridge: tail: a response does not decode as a SubscribeResponse\n", stderr);
 		return EXIT_RPC;
 	}
-	if (t->limit_reached)
+	if (t->limit_reached || t->end_reached)
 		return 0;
 	if (t->cancelled && interrupted)
 		return EXIT_INTERRUPTED;
@@ -1395,20 +1564,42 @@ static int tail_result(struct tail *t)
 	return EXIT_RPC;
 }
 
-static int cmd_tail(struct global *g, char **topics, size_t n_topics, bool earliest, uint64_t limit,
-		    uint32_t max_batch, bool verbose)
+struct tail_opts {
+	char **topics;
+	size_t n_topics;
+	struct tail_from from;
+	const char *group;
+	const char *format;
+	uint64_t limit;
+	uint32_t max_batch;
+	bool verbose, exit_at_end;
+};
+
+static int cmd_tail(struct global *g, struct tail_opts *o)
 {
 	Kbridge__V1__SubscribeRequest req = KBRIDGE__V1__SUBSCRIBE_REQUEST__INIT;
-	struct tail t = {.limit = limit, .verbose = verbose};
+	Kbridge__V1__Position **positions = xcalloc(o->from.n_positions + 1, sizeof(*positions));
+	struct tail t = {.limit = o->limit, .verbose = o->verbose, .format = o->format,
+			 .exit_at_end = o->exit_at_end};
 	struct client c;
 	int rc;
 
-	req.n_topics = n_topics;
-	req.topics = topics;
-	req.start = earliest ? KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST
-			     : KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST;
-	req.max_batch = max_batch;
+	req.n_topics = o->n_topics;
+	req.topics = o->topics;
+	req.start = o->from.start;
+	req.start_timestamp_ms = o->from.timestamp_ms;
+	for (size_t i = 0; i < o->from.n_positions; i++) {
+		positions[i] = &o->from.positions[i];
+		if (!positions[i]->topic)
+			positions[i]->topic = o->topics[0]; /* P:OFFSET means the first -t */
+	}
+	req.n_positions = o->from.n_positions;
+	req.positions = positions;
+	if (o->group)
+		req.group = (char *)o->group;
+	req.max_batch = o->max_batch;
 	t.request = codec_encode(&req.base);
+	free(positions);
 	grpc_metadata_array_init(&t.initial_md);
 	status_init(&t.st);
 
@@ -1423,6 +1614,9 @@ static int cmd_tail(struct global *g, char **topics, size_t n_topics, bool earli
 	status_destroy(&t.st);
 	grpc_call_unref(t.call);
 	client_close(&c);
+	for (size_t i = 0; i < t.n_pos; i++)
+		free(t.pos[i].topic);
+	free(t.pos);
 	return rc;
 }
 
@@ -1511,53 +1705,110 @@ static int main_publish(struct global *g, int argc, char **argv)
 	return rc;
 }
 
+/* One item of a --from position list: P:OFFSET (the first -t topic, topic NULL) or
+ * TOPIC:P:OFFSET (as kbridge-positions writes them; topic names have no colon). */
+static void position_parse(Kbridge__V1__Position *pos, const char *item, size_t len)
+{
+	char *s = xstrndup(item, len), *offset = strrchr(s, ':'), *part;
+
+	if (!offset || offset == s)
+		usage_error("--from: '%s' is not PARTITION:OFFSET or TOPIC:PARTITION:OFFSET", s);
+	*offset++ = 0;
+	part = strrchr(s, ':');
+	if (part)
+		*part++ = 0;
+	*pos = (Kbridge__V1__Position)KBRIDGE__V1__POSITION__INIT;
+	pos->partition = (int32_t)parse_count("--from: partition", part ? part : s, 0, INT32_MAX);
+	pos->offset = (int64_t)parse_count("--from: offset", offset, 0, INT64_MAX);
+	pos->topic = part ? (*s ? xstrdup(s) : NULL) : NULL;
+	if (part && !pos->topic)
+		usage_error("--from: '%.*s' has an empty topic", (int)len, item);
+	free(s);
+}
+
+/* --from WHERE: earliest, latest, @TIMESTAMP_MS, or a list of positions. Given more than
+ * once, the last start word counts and the positions add up. */
+static void from_parse(struct tail_from *f, const char *arg)
+{
+	if (strcmp(arg, "earliest") == 0) {
+		f->start = KBRIDGE__V1__SUBSCRIBE_REQUEST__START__EARLIEST;
+	} else if (strcmp(arg, "latest") == 0) {
+		f->start = KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST;
+	} else if (arg[0] == '@') {
+		f->start = KBRIDGE__V1__SUBSCRIBE_REQUEST__START__TIMESTAMP;
+		f->timestamp_ms = (int64_t)parse_count("--from: timestamp", arg + 1, 0, INT64_MAX);
+	} else if (strchr(arg, ':')) {
+		for (const char *p = arg;;) {
+			size_t len = strcspn(p, ",");
+			f->positions = xrealloc(f->positions, (f->n_positions + 1) * sizeof(*f->positions));
+			position_parse(&f->positions[f->n_positions++], p, len);
+			if (!p[len])
+				break;
+			p += len + 1;
+		}
+	} else {
+		usage_error("--from: '%s' is none of earliest, latest, @TIMESTAMP_MS, "
+			    "PARTITION:OFFSET,... or TOPIC:PARTITION:OFFSET,...", arg);
+	}
+}
+
 static int main_tail(struct global *g, int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{"topic", required_argument, NULL, 't'}, {"from", required_argument, NULL, OPT_FROM},
 		{"count", required_argument, NULL, 'n'}, {"max-batch", required_argument, NULL, OPT_MAX_BATCH},
-		{"verbose", no_argument, NULL, 'v'}, GLOBAL_LONG_OPTIONS, {0}};
-	char **topics = xcalloc(argc, sizeof(*topics));
-	size_t n_topics = 0;
-	bool earliest = false, verbose = false;
-	uint64_t limit = 0;
-	uint32_t max_batch = 0;
+		{"group", required_argument, NULL, 'g'}, {"format", required_argument, NULL, 'f'},
+		{"exit", no_argument, NULL, 'e'}, {"verbose", no_argument, NULL, 'v'},
+		GLOBAL_LONG_OPTIONS, {0}};
+	struct tail_opts o = {.from.start = KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST};
 	int c, rc;
 
-	while ((c = getopt_long(argc, argv, "t:n:va:hV", longopts, NULL)) != -1) {
+	o.topics = xcalloc(argc, sizeof(*o.topics));
+	while ((c = getopt_long(argc, argv, "t:n:g:f:eva:hV", longopts, NULL)) != -1) {
 		switch (c) {
 		case 't':
 			if (!*optarg)
 				usage_error("tail: a topic must not be empty");
-			topics[n_topics++] = optarg;
+			o.topics[o.n_topics++] = optarg;
 			break;
 		case OPT_FROM:
-			if (strcmp(optarg, "earliest") == 0)
-				earliest = true;
-			else if (strcmp(optarg, "latest") == 0)
-				earliest = false;
-			else
-				usage_error("--from: '%s' is neither 'earliest' nor 'latest'", optarg);
+			from_parse(&o.from, optarg);
 			break;
 		case 'n':
-			limit = parse_count("--count", optarg, 1, UINT64_MAX);
+			o.limit = parse_count("--count", optarg, 1, UINT64_MAX);
 			break;
 		case OPT_MAX_BATCH:
-			max_batch = (uint32_t)parse_count("--max-batch", optarg, 1, 100000);
+			o.max_batch = (uint32_t)parse_count("--max-batch", optarg, 1, 100000);
+			break;
+		case 'g':
+			if (!*optarg)
+				usage_error("--group: the group name must not be empty");
+			o.group = optarg;
+			break;
+		case 'f':
+			format_check(optarg);
+			o.format = optarg;
+			break;
+		case 'e':
+			o.exit_at_end = true;
 			break;
 		case 'v':
-			verbose = true;
+			o.verbose = true;
 			break;
 		default:
 			global_option(g, c, optarg);
 		}
 	}
-	if (n_topics == 0)
+	if (o.n_topics == 0)
 		usage_error("tail: at least one topic is required (-t TOPIC)");
 	if (optind < argc)
 		usage_error("tail: unexpected argument '%s'", argv[optind]);
-	rc = cmd_tail(g, topics, n_topics, earliest, limit, max_batch, verbose);
-	free(topics);
+	rc = cmd_tail(g, &o);
+	for (size_t i = 0; i < o.from.n_positions; i++)
+		if (o.from.positions[i].topic != o.topics[0])
+			free(o.from.positions[i].topic);
+	free(o.from.positions);
+	free(o.topics);
 	return rc;
 }
 

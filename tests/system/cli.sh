@@ -48,8 +48,8 @@ test "$(awk '{print $2, $3}' "$T/keyed.kcat")" = "user-42 a
 user-42 b
 user-42 c" || fail "keyed records in kafka: $(cat "$T/keyed.kcat")"
 # -v names each record's place, key and timestamp, in publish order here
-timeout 60 "$KBRIDGE" -a "$ADDR" tail -t keyed --from earliest -n 3 -v >"$T/keyed.tail" 2>&1 ||
-	fail "kbridge tail -v failed: $(cat "$T/keyed.tail")"
+timeout 60 "$KBRIDGE" -a "$ADDR" tail -t keyed --from earliest -n 3 -v >"$T/keyed.tail" 2>"$T/keyed.err" ||
+	fail "kbridge tail -v failed: $(cat "$T/keyed.err")"
 sed -E 's/^keyed\/[0-9]+@[0-9]+ key=user-42 ts=[0-9]+ //' "$T/keyed.tail" >"$T/keyed.values"
 test "$(cat "$T/keyed.values")" = "a
 b

@@ -7,8 +7,20 @@
 //   node client.js publish   --address A --topic T --records N --size B --per-request K
 //                            [--key-prefix P] [--header k=v]... [--partition P]
 //                            [--big-record INDEX:BYTES] [--timeout S]
-//   node client.js subscribe --address A --topic T [--topic T2]... --from earliest|latest
-//                            --count N [--max-batch M] [--timeout S]
+//   node client.js subscribe --address A --topic T [--topic T2]... --from earliest|latest|timestamp:MS
+//                            --count N [--max-batch M] [--timeout S] [--position T:P:O]...
+//                            [--group G] [--cancel-after N] [--stall-after N --resume-file F]
+//                            [--result FILE]
+//                            Prints one JSON line per record on stdout, READY on stderr once the
+//                            initial metadata came, and at the end "RESULT {...}" on stderr (and
+//                            in --result FILE): code, details, initial (metadata), skipped and
+//                            positions (kbridge-skipped / kbridge-positions as lists of "T:P:X",
+//                            positions null when absent), next_positions (last printed offset + 1
+//                            per partition), records. --count 0 ends at the initial metadata.
+//                            --cancel-after N: like --count N, but exactly N records are printed
+//                            (the rest of the last response is dropped) and the exit status is 0.
+//                            --stall-after N: after N records stop reading (STALLED N on stderr)
+//                            until FILE exists (RESUMED), then read on.
 //   node client.js rate      --address A --topic T --records N --size B --per-request K [--streams S]
 //   node client.js stream    --address A --topic T --records N --size B --per-request K
 //                            [publish options] [--empty-topic INDEX]... [--bad-partition INDEX:P]...
@@ -27,15 +39,18 @@ const USAGE = `usage: client.js publish|subscribe|rate [options]
   common:    --address A (host:port or unix:/path)  --proto-dir DIR  --timeout SECONDS (default 60)
   publish:   --topic T --records N --size B --per-request K [--key-prefix P] [--header k=v]...
              [--partition P] [--big-record INDEX:BYTES]
-  subscribe: --topic T [--topic T2]... --from earliest|latest --count N [--max-batch M]
+  subscribe: --topic T [--topic T2]... --from earliest|latest|timestamp:MS --count N [--max-batch M]
+             [--position T:P:O]... [--group G] [--cancel-after N] [--stall-after N --resume-file F]
+             [--result FILE]
   rate:      --topic T --records N --size B --per-request K [--streams S]
   stream:    publish options and [--empty-topic INDEX]... [--bad-partition INDEX:P]...`;
 
 // Options that may be given more than once collect into arrays.
-const REPEATABLE = new Set(['topic', 'header', 'empty-topic', 'bad-partition']);
+const REPEATABLE = new Set(['topic', 'header', 'empty-topic', 'bad-partition', 'position']);
 const KNOWN = new Set(['address', 'proto-dir', 'timeout', 'topic', 'records', 'size',
 	'per-request', 'key-prefix', 'header', 'partition', 'big-record', 'from', 'count',
-	'max-batch', 'streams', 'empty-topic', 'bad-partition']);
+	'max-batch', 'streams', 'empty-topic', 'bad-partition', 'position', 'group',
+	'cancel-after', 'stall-after', 'resume-file', 'result']);
 
 function usage(msg) {
 	process.stderr.write(`client.js: ${msg}\n${USAGE}\n`);
@@ -43,7 +58,7 @@ function usage(msg) {
 }
 
 function parseArgs(argv) {
-	const opts = { header: [], topic: [], 'empty-topic': [], 'bad-partition': [] };
+	const opts = { header: [], topic: [], 'empty-topic': [], 'bad-partition': [], position: [] };
 	for (let i = 0; i < argv.length; i++) {
 		const a = argv[i];
 		if (!a.startsWith('--'))
@@ -80,7 +95,7 @@ function strOpt(opts, name) {
 	return opts[name];
 }
 
-function loadBridge(opts) {
+function loadBridge(opts, channelOptions) {
 	let grpc, protoLoader;
 	try {
 		grpc = require('@grpc/grpc-js');
@@ -107,6 +122,7 @@ function loadBridge(opts) {
 	const client = new pkg.kbridge.v1.Bridge(address, grpc.credentials.createInsecure(), {
 		'grpc.max_send_message_length': -1,
 		'grpc.max_receive_message_length': -1,
+		...(channelOptions || {}),
 	});
 	return { grpc, client };
 }
@@ -346,31 +362,104 @@ function recordJson(r) {
 	});
 }
 
+// --from earliest|latest|timestamp:MS as the request's start fields.
+function startFrom(from) {
+	if (from === 'earliest' || from === 'latest')
+		return { start: from.toUpperCase(), start_timestamp_ms: '0' };
+	const m = /^timestamp:(\d+)$/.exec(from);
+	if (!m)
+		usage(`--from must be earliest, latest or timestamp:MS, not '${from}'`);
+	return { start: 'TIMESTAMP', start_timestamp_ms: m[1] };
+}
+
+// --position TOPIC:PARTITION:OFFSET (the topic is everything before the last two colons).
+function parsePosition(s) {
+	const m = /^(.+):(\d+):(\d+)$/.exec(s);
+	if (!m)
+		usage(`--position wants TOPIC:PARTITION:OFFSET, not '${s}'`);
+	return { topic: m[1], partition: Number(m[2]), offset: m[3] };
+}
+
+// The first value of a metadata key as text, or undefined.
+function mdValue(md, key) {
+	if (!md)
+		return undefined;
+	const v = md.get(key);
+	return v.length > 0 ? v[0].toString() : undefined;
+}
+
+// "T:P:X,..." as a list; [] for none.
+function listOf(text) {
+	return (text || '').split(',').filter((x) => x !== '');
+}
+
 function cmdSubscribe(opts) {
 	if (opts.topic.length === 0)
 		usage('--topic is required');
-	const from = strOpt(opts, 'from');
-	if (from !== 'earliest' && from !== 'latest')
-		usage(`--from must be earliest or latest, not '${from}'`);
-	const count = intOpt(opts, 'count', undefined, 0);
+	const start = startFrom(strOpt(opts, 'from'));
+	const cancelAfter = opts['cancel-after'] === undefined ? undefined : intOpt(opts, 'cancel-after', 0, 1);
+	const count = cancelAfter !== undefined ? cancelAfter : intOpt(opts, 'count', undefined, 0);
 	const maxBatch = intOpt(opts, 'max-batch', 0, 0);
-	const { client } = loadBridge(opts);
-	let seen = 0, finished = false;
-	const call = client.Subscribe({ topics: opts.topic, start: from.toUpperCase(),
-		max_batch: maxBatch }, { deadline: deadlineFrom(opts) });
-	const finish = (code, line) => {
+	const stallAfter = opts['stall-after'] === undefined ? undefined : intOpt(opts, 'stall-after', 0, 0);
+	if ((stallAfter === undefined) !== (opts['resume-file'] === undefined))
+		usage('--stall-after and --resume-file go together');
+	const fs = require('fs');
+	const { client } = loadBridge(opts, stallAfter === undefined ? {} :
+		{ 'grpc.http2.lookahead_bytes': 16384 });
+	const req = { topics: opts.topic, ...start, max_batch: maxBatch,
+		positions: opts.position.map(parsePosition), group: opts.group || '' };
+	let seen = 0, finished = false, stalled = false, initial = null, status = null;
+	const nextPos = new Map();
+	const call = client.Subscribe(req, { deadline: deadlineFrom(opts) });
+	const result = (code, details, trailers) => {
+		const res = { code, details, records: seen, initial: initial || {},
+			skipped: listOf(mdValue(initial, 'kbridge-skipped') || mdValue(trailers, 'kbridge-skipped')),
+			positions: mdValue(trailers, 'kbridge-positions') === undefined ? null :
+				listOf(mdValue(trailers, 'kbridge-positions')),
+			next_positions: [...nextPos.entries()].map(([k, v]) => `${k}:${v}`).sort() };
+		if (initial)
+			res.initial = Object.fromEntries(Object.entries(initial.getMap()).map(([k, v]) => [k, v.toString()]));
+		return res;
+	};
+	const finish = (code, res, errLine) => {
 		if (finished)
 			return;
 		finished = true;
 		call.cancel();
 		client.close();
 		process.exitCode = code;
-		if (line)
-			process.stdout.write(line + '\n');
+		if (errLine)
+			process.stdout.write(errLine + '\n');
+		const text = JSON.stringify(res);
+		process.stderr.write(`RESULT ${text}\n`);
+		if (opts.result)
+			fs.writeFileSync(opts.result, text + '\n');
+	};
+	// Stops reading (grpc-js then stops granting HTTP/2 window) until the file exists.
+	const stallIfDue = () => {
+		if (stallAfter === undefined || stalled || seen < stallAfter)
+			return;
+		stalled = true;
+		call.pause();
+		process.stderr.write(`STALLED ${seen}\n`);
+		const poll = setInterval(() => {
+			if (!fs.existsSync(opts['resume-file']))
+				return;
+			clearInterval(poll);
+			process.stderr.write('RESUMED\n');
+			call.resume();
+		}, 50);
 	};
 	// Initial metadata comes only once the start offsets are fixed: from here on
 	// every record published is ours to receive. Tests wait for this line.
-	call.on('metadata', () => process.stderr.write('READY\n'));
+	call.on('metadata', (md) => {
+		initial = md;
+		process.stderr.write('READY\n');
+		if (count === 0)
+			finish(0, result(0, 'stopped by the client (count 0)', null));
+		else
+			stallIfDue();
+	});
 	call.on('data', (resp) => {
 		if (finished)
 			return;
@@ -379,23 +468,33 @@ function cmdSubscribe(opts) {
 			if (seen >= count)
 				break;
 			lines.push(recordJson(r));
+			nextPos.set(`${r.topic}:${r.partition}`, Number(r.offset) + 1);
 			seen++;
 		}
 		if (lines.length > 0)
 			process.stdout.write(lines.join('\n') + '\n');
 		if (seen >= count)
-			finish(0);
+			finish(0, result(0, 'stopped by the client (count)', null));
+		else
+			stallIfDue();
+	});
+	call.on('status', (st) => {
+		status = st;
 	});
 	call.on('error', (err) => {
 		if (!finished)
-			finish(1, errorJson(err));
+			finish(1, result(err.code, err.details, err.metadata), errorJson(err));
 	});
 	call.on('end', () => {
-		if (!finished)
-			finish(1, JSON.stringify({ code: null, details: `stream ended after ${seen} of ${count} records`, durable: null }));
+		// 'end' may come before 'status': let the status arrive first.
+		setImmediate(() => {
+			if (finished)
+				return;
+			const st = status || { code: null, details: '', metadata: null };
+			finish(1, result(st.code, `stream ended after ${seen} of ${count} records`, st.metadata),
+				JSON.stringify({ code: st.code, details: `stream ended after ${seen} of ${count} records`, durable: null }));
+		});
 	});
-	if (count === 0)
-		call.on('metadata', () => finish(0));
 }
 
 function main() {

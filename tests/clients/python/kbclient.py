@@ -11,7 +11,14 @@ Commands (see `kbclient.py COMMAND --help`):
              --per-call, over many short calls); prints a JSON result.
   subscribe  Subscribe; prints one JSON line per record on stdout, "READY" on
              stderr once the initial metadata arrived, and the JSON result as
-             "RESULT {...}" on stderr (and in --result FILE).
+             "RESULT {...}" on stderr (and in --result FILE): besides the
+             common fields, "initial" (initial metadata), "skipped" (the
+             kbridge-skipped ranges), "positions" (the kbridge-positions
+             trailer as a list of "T:P:O", null when absent) and
+             "next_positions" ("T:P:O" = last printed offset + 1 for each
+             partition a record came from).
+  fanout     Many concurrent subscribers (grpc.aio, one process); prints
+             "READY N" on stderr once all have their initial metadata.
   stream     Publish generated records over one PublishStream call; prints a
              JSON result with every ack and every record's result.
   produce    Publish generated records in one Produce call; prints the results.
@@ -144,6 +151,8 @@ class RecordMaker:
             rec.headers.add(key=a.index_header, value=str(i).encode())
         if a.partition is not None:
             rec.partition = a.partition
+        if getattr(a, "timestamp", None):
+            rec.timestamp_ms = a.timestamp
         for idx, part in getattr(a, "bad_partition", ()):
             if local == idx:
                 rec.partition = part
@@ -572,6 +581,10 @@ def cmd_flood(args):
 
 # --- subscribe ---
 
+POSITIONS_MD = "kbridge-positions"
+SKIPPED_MD = "kbridge-skipped"
+
+
 def record_json(rec, batch):
     return {
         "topic": rec.topic,
@@ -585,14 +598,72 @@ def record_json(rec, batch):
     }
 
 
-def cmd_subscribe(args):
-    stub = bridge_pb2_grpc.BridgeStub(channel_for(args))
+def parse_start(s):
+    """argparse type: latest, earliest or timestamp:MS."""
+    if s in ("latest", "earliest"):
+        return (s, 0)
+    kind, sep, ms = s.partition(":")
+    if kind == "timestamp" and sep:
+        try:
+            return ("timestamp", int(ms))
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{s!r}: want latest, earliest or timestamp:MS")
+
+
+def parse_position(s):
+    """argparse type: TOPIC:PARTITION:OFFSET (the topic may contain no colon)."""
+    parts = s.rsplit(":", 2)
+    try:
+        if len(parts) == 3 and parts[0]:
+            return (parts[0], int(parts[1]), int(parts[2]))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{s!r}: want TOPIC:PARTITION:OFFSET")
+
+
+def metadata_dict(md):
+    return {k: v if isinstance(v, str) else v.hex() for k, v in (md or ())}
+
+
+def parse_positions_text(text):
+    """kbridge-positions / kbridge-skipped text "T:P:X,..." as a list of strings
+    (empty list for no text)."""
+    return [p for p in (text or "").split(",") if p]
+
+
+def subscribe_request(args):
+    kind, ms = args.start
     start = {"latest": bridge_pb2.SubscribeRequest.LATEST,
-             "earliest": bridge_pb2.SubscribeRequest.EARLIEST}[args.start]
+             "earliest": bridge_pb2.SubscribeRequest.EARLIEST,
+             "timestamp": bridge_pb2.SubscribeRequest.TIMESTAMP}[kind]
     req = bridge_pb2.SubscribeRequest(topics=args.topic, start=start,
-                                      max_batch=args.max_batch)
-    call = stub.Subscribe(req)
-    state = {"last": time.monotonic(), "why": None}
+                                      start_timestamp_ms=ms, max_batch=args.max_batch)
+    if args.group:
+        req.group = args.group
+    for t, p, o in args.position:
+        req.positions.add(topic=t, partition=p, offset=o)
+    return req
+
+
+def wait_for_file(path, done):
+    """Stall: returns once PATH exists (or the call ended)."""
+    while not os.path.exists(path) and not done.is_set():
+        time.sleep(0.05)
+
+
+def cmd_subscribe(args):
+    opts = []
+    if args.stall_after is not None or args.read_delay:
+        # A stalled or slow reader must push back on the daemon soon: no window growth
+        # (BDP probing) and a small stream window, or gRPC would go on reading
+        # megabytes into its own buffers on our behalf.
+        opts = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    chan = grpc.insecure_channel(args.address, options=[
+        ("grpc.max_receive_message_length", 64 << 20)] + opts)
+    stub = bridge_pb2_grpc.BridgeStub(chan)
+    call = stub.Subscribe(subscribe_request(args))
+    state = {"last": time.monotonic(), "why": None, "stalled": False}
     done = threading.Event()
 
     def watchdog():
@@ -601,7 +672,7 @@ def cmd_subscribe(args):
             now = time.monotonic()
             if args.timeout and now - begin > args.timeout:
                 state["why"] = "timeout"
-            elif args.idle and now - state["last"] > args.idle:
+            elif args.idle and not state["stalled"] and now - state["last"] > args.idle:
                 state["why"] = "idle"
             else:
                 continue
@@ -610,25 +681,46 @@ def cmd_subscribe(args):
 
     threading.Thread(target=watchdog, daemon=True).start()
     records = responses = max_response = 0
+    nextpos = {}          # "topic:partition" -> last printed offset + 1
+    initial = {}
     code, details, trailers = grpc.StatusCode.OK, "", None
+    limit = args.cancel_after if args.cancel_after is not None else args.count
+
+    def stall_if_due():
+        if args.stall_after is None or state["stalled"] is None or records < args.stall_after:
+            return
+        state["stalled"] = True
+        print(f"STALLED {records}", file=sys.stderr, flush=True)
+        wait_for_file(args.resume_file, done)
+        print("RESUMED", file=sys.stderr, flush=True)
+        state["stalled"] = None   # once only
+        state["last"] = time.monotonic()
+
     try:
-        call.initial_metadata()
+        initial = metadata_dict(call.initial_metadata())
         # --idle counts from here: the start offsets are fixed now.
         state["last"] = time.monotonic()
         if call.is_active() or call.code() is None:
             print("READY", file=sys.stderr, flush=True)
+        stall_if_due()
         for resp in call:
             state["last"] = time.monotonic()
             responses += 1
             max_response = max(max_response, len(resp.records))
             for rec in resp.records:
+                if args.cancel_after is not None and records >= limit:
+                    break   # the rest of this response is not ours: positions say so
                 print(json.dumps(record_json(rec, responses - 1)))
+                nextpos[f"{rec.topic}:{rec.partition}"] = rec.offset + 1
                 records += 1
             sys.stdout.flush()
-            if args.count and records >= args.count:
+            if limit and records >= limit:
                 state["why"] = "count"
                 call.cancel()
                 break
+            stall_if_due()
+            if args.read_delay:
+                time.sleep(args.read_delay)
     except grpc.RpcError as e:
         code, details, trailers = e.code(), e.details(), e.trailing_metadata()
     done.set()
@@ -638,12 +730,103 @@ def cmd_subscribe(args):
         code, details = grpc.StatusCode.DEADLINE_EXCEEDED, \
             f"client timeout after {args.timeout}s with {records} records"
     res = result_of(code, details, trailers)
-    res.update(records=records, responses=responses, max_response=max_response)
+    tmd = metadata_dict(trailers)
+    res.update(records=records, responses=responses, max_response=max_response,
+               initial=initial,
+               skipped=parse_positions_text(initial.get(SKIPPED_MD) or tmd.get(SKIPPED_MD)),
+               positions=parse_positions_text(tmd.get(POSITIONS_MD)) if POSITIONS_MD in tmd else None,
+               next_positions=sorted(f"{k}:{v}" for k, v in nextpos.items()))
     if args.result:
         with open(args.result, "w") as f:
             json.dump(res, f)
+    chan.close()
     print("RESULT", end=" ", file=sys.stderr)
     return finish(args, res, out=sys.stderr)
+
+
+# --- fanout ---
+
+def fanout_check(recs, prefix, first, last):
+    """What is wrong with one subscriber's records (None if each of
+    PREFIX<first..last> came exactly once, offsets rising by one per partition)."""
+    seen, prev = set(), {}
+    for r in recs:
+        key = r.key.decode()
+        if not key.startswith(prefix):
+            return f"unexpected record {key!r}"
+        i = int(key[len(prefix):])
+        if i in seen:
+            return f"record {i} twice"
+        seen.add(i)
+        p = (r.topic, r.partition)
+        if p in prev and r.offset != prev[p] + 1:
+            return f"{r.topic}/{r.partition}: offset {r.offset} after {prev[p]}"
+        prev[p] = r.offset
+    want = last - first + 1
+    if len(seen) != want or min(seen, default=first) != first or max(seen, default=last) != last:
+        return f"{len(seen)} of {want} records"
+    return None
+
+
+async def fanout_main(args):
+    import asyncio
+    chans = [grpc.aio.insecure_channel(args.address) for _ in range(args.channels)]
+    stubs = [bridge_pb2_grpc.BridgeStub(c) for c in chans]
+    want = args.last - args.first + 1
+    ready = 0
+    all_ready = asyncio.Event()
+    results = {}
+
+    async def one(i):
+        nonlocal ready
+        call = stubs[i % len(stubs)].Subscribe(
+            bridge_pb2.SubscribeRequest(topics=args.topic), timeout=args.timeout)
+        recs = []
+        try:
+            await call.initial_metadata()
+            ready += 1
+            if ready == args.subscribers:
+                all_ready.set()
+            async for resp in call:
+                recs.extend(resp.records)
+                if len(recs) >= want:
+                    break
+            call.cancel()
+            results[i] = fanout_check(recs, args.key_prefix, args.first, args.last)
+        except grpc.aio.AioRpcError as e:
+            results[i] = f"{e.code().name}: {e.details()} after {len(recs)} records"
+            all_ready.set()
+        except asyncio.CancelledError:
+            results[i] = f"cancelled after {len(recs)} records"
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(args.subscribers)]
+    await all_ready.wait()
+    print(f"READY {ready}", file=sys.stderr, flush=True)
+    await asyncio.gather(*tasks)
+    for c in chans:
+        await c.close()
+    bad = {i: r for i, r in results.items() if r}
+    if bad:
+        i, r = sorted(bad.items())[0]
+        res = result_of(grpc.StatusCode.INTERNAL,
+                        f"{len(bad)} of {args.subscribers} subscribers failed; subscriber {i}: {r}")
+    else:
+        res = result_of(grpc.StatusCode.OK)
+    res.update(subscribers=args.subscribers, ready=ready,
+               complete=sum(1 for r in results.values() if r is None))
+    return res
+
+
+def cmd_fanout(args):
+    import asyncio
+    # Not asyncio.run: closing its loop joins grpc.aio's executor thread, which
+    # can hang for ever once the calls are done. Print, then leave at once.
+    loop = asyncio.new_event_loop()
+    res = loop.run_until_complete(fanout_main(args))
+    rc = finish(args, res)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 # --- rpc and raw ---
@@ -695,6 +878,10 @@ def cmd_raw(args):
 
 
 def main():
+    # `kill -USR1` prints every thread's stack: a hung client tells where it hangs.
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", required=True, help="unix:/path or host:port")
@@ -718,6 +905,8 @@ def main():
                     metavar="KEY=VALUE", help="a header on every record (repeatable)")
     sp.add_argument("--index-header", metavar="NAME", help="a header NAME=<i> on every record")
     sp.add_argument("--partition", type=int, help="explicit partition for every record")
+    sp.add_argument("--timestamp", type=int, metavar="MS",
+                    help="Kafka timestamp of every record, ms since the epoch (default: now)")
     record_spoilers(sp)
     sp.add_argument("--delay", type=float, default=0, help="seconds to sleep between requests")
     sp.add_argument("--cancel-after", type=int, metavar="N",
@@ -791,14 +980,43 @@ def main():
     sp = sub.add_parser("subscribe", help="subscribe and print records as JSON lines")
     common(sp, 60)
     sp.add_argument("--topic", action="append", default=[], help="topic (repeatable)")
-    sp.add_argument("--start", choices=["latest", "earliest"], default="latest")
+    sp.add_argument("--start", type=parse_start, default=("latest", 0),
+                    metavar="latest|earliest|timestamp:MS", help="start (default latest)")
+    sp.add_argument("--position", type=parse_position, action="append", default=[],
+                    metavar="TOPIC:PARTITION:OFFSET",
+                    help="next offset to read there, overriding --start (repeatable)")
+    sp.add_argument("--group", help="consumer group to join")
     sp.add_argument("--max-batch", type=int, default=0)
-    sp.add_argument("--count", type=int, default=0, help="cancel after this many records")
+    sp.add_argument("--count", type=int, default=0,
+                    help="cancel after this many records (prints the whole last response)")
+    sp.add_argument("--cancel-after", type=int, metavar="N",
+                    help="cancel after exactly N records: the rest of the last response is "
+                         "dropped, and next_positions in the result is where to resume")
+    sp.add_argument("--stall-after", type=int, metavar="N",
+                    help="after N records (0: right after the initial metadata) stop reading, "
+                         "print 'STALLED N' on stderr, and hold the stream open until "
+                         "--resume-file exists; then print 'RESUMED' and read on")
+    sp.add_argument("--resume-file", metavar="FILE", help="with --stall-after")
+    sp.add_argument("--read-delay", type=float, default=0,
+                    help="seconds to sleep after each response (a slow reader)")
     sp.add_argument("--idle", type=float, default=0,
                     help="cancel after this many seconds without records, counted from the "
                          "initial metadata (an OK end)")
     sp.add_argument("--result", metavar="FILE", help="also write the JSON result to FILE")
     sp.set_defaults(func=cmd_subscribe)
+
+    sp = sub.add_parser("fanout", help="many concurrent LATEST subscribers in one process "
+                        "(grpc.aio), each checking that it got every record")
+    common(sp, 120)
+    sp.add_argument("--topic", action="append", default=[], help="topic (repeatable)")
+    sp.add_argument("--subscribers", type=int, default=1000)
+    sp.add_argument("--channels", type=int, default=4,
+                    help="connections the calls are spread over (default 4)")
+    sp.add_argument("--key-prefix", required=True,
+                    help="each subscriber must get the records PREFIX<first..last> exactly once")
+    sp.add_argument("--first", type=int, default=0)
+    sp.add_argument("--last", type=int, required=True)
+    sp.set_defaults(func=cmd_fanout)
 
     sp = sub.add_parser("rpc", help="call another Bridge method once")
     common(sp, 10)
@@ -817,6 +1035,8 @@ def main():
     args = p.parse_args()
     if args.command in ("publish", "stream", "storm") and args.per_request < 1:
         p.error("--per-request must be >= 1")
+    if args.command == "subscribe" and (args.stall_after is None) != (args.resume_file is None):
+        p.error("--stall-after and --resume-file go together")
     if getattr(args, "records", 0) < 0:
         p.error("--records must be >= 0")
     sys.exit(args.func(args))
