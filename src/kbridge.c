@@ -40,6 +40,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include "bench.h"
 #include "codec.h"
 #include "util.h"
 
@@ -118,6 +119,9 @@ static void usage(FILE *f)
 		"  tail -t TOPIC [-t TOPIC]... [--from WHERE]... [-g GROUP] [-f FORMAT] [-e] [-n COUNT]\n"
 		"       [--max-batch N] [-v]\n"
 		"      print the value of each record of the topics, one per line, as it arrives\n"
+		"  bench [OPTION]...\n"
+		"      publish generated load and report throughput and latency\n"
+		"      (see 'kbridge bench --help')\n"
 		"\n"
 		"Options (before or after the command):\n"
 		"  -a, --address ADDR   kbridged address, HOST:PORT or unix:PATH\n"
@@ -1815,7 +1819,8 @@ static int main_tail(struct global *g, int argc, char **argv)
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {GLOBAL_LONG_OPTIONS, {0}};
-	static char publish_name[] = "kbridge publish", tail_name[] = "kbridge tail";
+	static char publish_name[] = "kbridge publish", tail_name[] = "kbridge tail",
+		    bench_name[] = "kbridge bench";
 	struct global g = {.address = getenv(ADDRESS_ENV)};
 	const char *cmd;
 	int c;
@@ -1827,7 +1832,7 @@ int main(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "+a:hV", longopts, NULL)) != -1)
 		global_option(&g, c, optarg);
 	if (optind == argc)
-		usage_error("a command is required: publish or tail");
+		usage_error("a command is required: publish, tail or bench");
 	cmd = argv[optind];
 	argc -= optind;
 	argv += optind;
@@ -1842,5 +1847,9 @@ int main(int argc, char **argv)
 		argv[0] = tail_name;
 		return main_tail(&g, argc, argv);
 	}
-	usage_error("unknown command '%s' (commands: publish, tail)", cmd);
+	if (strcmp(cmd, "bench") == 0) {
+		argv[0] = bench_name;
+		return bench_main(g.address, argc, argv);
+	}
+	usage_error("unknown command '%s' (commands: publish, tail, bench)", cmd);
 }

@@ -1,0 +1,38 @@
+/* hist: latency histogram in log-linear buckets (HdrHistogram's layout, simplified), shared
+ * by `kbridge bench` and the comparison programs in bench/ so that they report alike.
+ *
+ * Values are nanoseconds. Below 2^HIST_SUB_BITS each value has its own bucket; above, every
+ * power of two is split into 2^HIST_SUB_BITS buckets, so a reported percentile is within
+ * 1/128 (0.8%) of the true sample. Not thread-safe: one writer, or merge per-thread ones. */
+#ifndef KB_HIST_H
+#define KB_HIST_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#define HIST_SUB_BITS 7
+
+struct hist {
+	uint64_t *buckets;
+	uint64_t count;
+	uint64_t max;
+};
+
+void hist_init(struct hist *h);
+void hist_destroy(struct hist *h);
+void hist_add(struct hist *h, int64_t ns);
+/* Adds every sample of src to dst. */
+void hist_merge(struct hist *dst, const struct hist *src);
+/* The value (ns) at or below which `pct` percent of the samples lie; 0 when empty. */
+uint64_t hist_percentile(const struct hist *h, double pct);
+
+/* Prints `"name": {"count": N, "p50": .., "p90": .., "p99": .., "p999": .., "max": ..}`
+ * with the values in microseconds. */
+void hist_print_json(FILE *f, const char *name, const struct hist *h);
+/* Prints "p50 X  p90 X  p99 X  p99.9 X  max X" with units chosen for the values. */
+void hist_print_text(FILE *f, const struct hist *h);
+
+/* Nanoseconds on CLOCK_MONOTONIC: the same clock in every process of the machine. */
+int64_t hist_now_ns(void);
+
+#endif

@@ -1,0 +1,347 @@
+/* null-sink: what the gRPC hop alone costs. A minimal server on the same gRPC core as
+ * kbridged, with the same threading (one completion queue, one thread per CPU), that
+ * registers /kbridge.v1.Bridge/Publish and PublishStream, decodes every PublishRequest
+ * with protobuf-c and throws it away. PublishStream acks each request at once with a
+ * PublishAck shaped like kbridged's (one RecordResult per record); Publish answers the
+ * half-close with a PublishResponse counting the records. Nothing goes to Kafka.
+ *
+ *   null-sink [-a ADDRESS] [-T THREADS]      (default unix:null-sink.sock, one per CPU)
+ *
+ * Logs "null-sink ready" on stderr once it serves; SIGTERM/SIGINT stop it.
+ *
+ * Threads and locks: the main thread sets up, waits for a signal and shuts down; THREADS
+ * threads take completions from the one queue. A call's completions may run on two
+ * threads at once (a receive and a send), so struct call.lock guards the call's fields.
+ * Acks are written one at a time (one SEND_MESSAGE outstanding), with the write-buffer
+ * hint while more acks are queued behind, never on the batch with initial metadata. */
+#include "config.h"
+
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include "codec.h"
+#include "util.h"
+
+enum method { M_PUBLISH, M_STREAM };
+static const char *const method_paths[] = {
+	"/kbridge.v1.Bridge/Publish", "/kbridge.v1.Bridge/PublishStream"};
+
+enum tag_kind { T_REQUEST, T_MD, T_RECV, T_SEND, T_CLOSE, T_SHUTDOWN };
+
+struct tag {
+	enum tag_kind kind;
+	struct call *call;
+};
+
+struct call {
+	enum method method;
+	pthread_mutex_t lock;
+	grpc_call *call;
+	gpr_timespec deadline;
+	grpc_metadata_array md;
+	grpc_byte_buffer *recv_bb;
+	int cancelled;
+	struct tag t_request, t_md, t_recv, t_send, t_close;
+	int batches;           /* outstanding; the call is freed at zero */
+	bool sending, half_closed, status_sent;
+	uint64_t records;      /* Publish: all records so far */
+	uint32_t *pending;     /* PublishStream: record counts of requests not acked yet */
+	size_t n_pending, cap_pending, first_pending;
+	uint64_t next_seq;
+	uint64_t offset;
+};
+
+static grpc_server *server;
+static grpc_completion_queue *cq;
+static void *registered[2];
+static atomic_bool shutting_down;
+static atomic_bool shutdown_done;
+static struct tag shutdown_tag = {T_SHUTDOWN, NULL};
+
+static void start(struct call *c, const grpc_op *ops, size_t n, struct tag *tag)
+{
+	grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+
+	if (e != GRPC_CALL_OK) {
+		fprintf(stderr, "null-sink: bug: grpc_call_start_batch failed (%d)\n", e);
+		abort();
+	}
+	c->batches++;
+}
+
+static void request_call(enum method m)
+{
+	struct call *c = xcalloc(1, sizeof(*c));
+
+	c->method = m;
+	pthread_mutex_init(&c->lock, NULL);
+	grpc_metadata_array_init(&c->md);
+	c->t_request = (struct tag){T_REQUEST, c};
+	c->t_md = (struct tag){T_MD, c};
+	c->t_recv = (struct tag){T_RECV, c};
+	c->t_send = (struct tag){T_SEND, c};
+	c->t_close = (struct tag){T_CLOSE, c};
+	grpc_server_request_registered_call(server, registered[m], &c->call, &c->deadline, &c->md,
+					    NULL, cq, cq, &c->t_request);
+}
+
+static void call_free(struct call *c)
+{
+	if (c->call)
+		grpc_call_unref(c->call);
+	grpc_metadata_array_destroy(&c->md);
+	pthread_mutex_destroy(&c->lock);
+	free(c->pending);
+	free(c);
+}
+
+static void recv_next(struct call *c)
+{
+	grpc_op op = {.op = GRPC_OP_RECV_MESSAGE, .data.recv_message.recv_message = &c->recv_bb};
+	start(c, &op, 1, &c->t_recv);
+}
+
+static void send_status_ok(struct call *c, grpc_byte_buffer *last)
+{
+	grpc_op ops[3];
+	size_t n = 0;
+
+	if (c->method == M_PUBLISH)
+		ops[n++] = (grpc_op){.op = GRPC_OP_SEND_INITIAL_METADATA};
+	if (last)
+		ops[n++] = (grpc_op){.op = GRPC_OP_SEND_MESSAGE, .data.send_message.send_message = last};
+	ops[n++] = (grpc_op){.op = GRPC_OP_SEND_STATUS_FROM_SERVER,
+			     .data.send_status_from_server = {.status = GRPC_STATUS_OK}};
+	c->sending = c->status_sent = true;
+	start(c, ops, n, &c->t_send);
+}
+
+/* PublishStream: the next queued ack, or the status once the client is done. */
+static void stream_send_next(struct call *c)
+{
+	if (c->sending || c->status_sent)
+		return;
+	if (c->first_pending == c->n_pending) {
+		if (c->half_closed)
+			send_status_ok(c, NULL);
+		return;
+	}
+	uint32_t n = c->pending[c->first_pending++];
+	Kbridge__V1__RecordResult *res = xcalloc(n ? n : 1, sizeof(*res));
+	Kbridge__V1__RecordResult **resp = xcalloc(n ? n : 1, sizeof(*resp));
+	Kbridge__V1__PublishAck ack = KBRIDGE__V1__PUBLISH_ACK__INIT;
+	for (uint32_t i = 0; i < n; i++) {
+		kbridge__v1__record_result__init(&res[i]);
+		res[i].offset = (int64_t)c->offset++;
+		resp[i] = &res[i];
+	}
+	ack.sequence = c->next_seq++;
+	ack.n_results = n;
+	ack.results = resp;
+	grpc_byte_buffer *bb = codec_encode(&ack.base);
+	free(resp);
+	free(res);
+	bool more = c->first_pending < c->n_pending;
+	grpc_op op = {.op = GRPC_OP_SEND_MESSAGE, .flags = more ? GRPC_WRITE_BUFFER_HINT : 0,
+		      .data.send_message.send_message = bb};
+	c->sending = true;
+	start(c, &op, 1, &c->t_send);
+	grpc_byte_buffer_destroy(bb);
+}
+
+static void on_message(struct call *c)
+{
+	Kbridge__V1__PublishRequest *req = (Kbridge__V1__PublishRequest *)codec_decode(
+		&kbridge__v1__publish_request__descriptor, c->recv_bb);
+
+	grpc_byte_buffer_destroy(c->recv_bb);
+	c->recv_bb = NULL;
+	if (!req) {
+		grpc_op op = {.op = GRPC_OP_SEND_STATUS_FROM_SERVER,
+			      .data.send_status_from_server = {.status = GRPC_STATUS_INVALID_ARGUMENT}};
+		if (!c->status_sent && !c->sending) {
+			c->status_sent = c->sending = true;
+			start(c, &op, 1, &c->t_send);
+		}
+		return;
+	}
+	uint32_t n = (uint32_t)req->n_records;
+	protobuf_c_message_free_unpacked(&req->base, NULL);
+	recv_next(c);
+	if (c->method == M_PUBLISH) {
+		c->records += n;
+		return;
+	}
+	if (c->first_pending == c->n_pending)
+		c->first_pending = c->n_pending = 0;
+	if (c->n_pending == c->cap_pending) {
+		c->cap_pending = c->cap_pending ? 2 * c->cap_pending : 64;
+		c->pending = xrealloc(c->pending, c->cap_pending * sizeof(*c->pending));
+	}
+	c->pending[c->n_pending++] = n;
+	stream_send_next(c);
+}
+
+static void on_half_close(struct call *c)
+{
+	c->half_closed = true;
+	if (c->method == M_STREAM) {
+		stream_send_next(c);
+		return;
+	}
+	Kbridge__V1__PublishResponse resp = KBRIDGE__V1__PUBLISH_RESPONSE__INIT;
+	resp.records = c->records;
+	grpc_byte_buffer *bb = codec_encode(&resp.base);
+	send_status_ok(c, bb);
+	grpc_byte_buffer_destroy(bb);
+}
+
+static void on_new_call(struct call *c, bool ok)
+{
+	if (!ok) { /* shutting down */
+		call_free(c);
+		return;
+	}
+	if (!atomic_load(&shutting_down))
+		request_call(c->method);
+	pthread_mutex_lock(&c->lock);
+	grpc_op close = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER,
+			 .data.recv_close_on_server.cancelled = &c->cancelled};
+	start(c, &close, 1, &c->t_close);
+	if (c->method == M_STREAM) {
+		/* alone: a batch of initial metadata plus a hinted message may never complete */
+		grpc_op md = {.op = GRPC_OP_SEND_INITIAL_METADATA};
+		c->sending = true;
+		start(c, &md, 1, &c->t_md);
+	}
+	recv_next(c);
+	pthread_mutex_unlock(&c->lock);
+}
+
+static void on_event(struct tag *t, bool ok)
+{
+	struct call *c = t->call;
+
+	if (t->kind == T_SHUTDOWN) {
+		atomic_store(&shutdown_done, true);
+		return;
+	}
+	if (t->kind == T_REQUEST) {
+		on_new_call(c, ok);
+		return;
+	}
+	pthread_mutex_lock(&c->lock);
+	c->batches--;
+	switch (t->kind) {
+	case T_MD:
+	case T_SEND:
+		c->sending = false;
+		if (ok && c->method == M_STREAM)
+			stream_send_next(c);
+		break;
+	case T_RECV:
+		if (!ok)
+			break;
+		if (c->recv_bb)
+			on_message(c);
+		else
+			on_half_close(c);
+		break;
+	default: /* T_CLOSE */
+		break;
+	}
+	bool done = c->batches == 0;
+	pthread_mutex_unlock(&c->lock);
+	if (done)
+		call_free(c);
+}
+
+static void *worker(void *arg)
+{
+	for (;;) {
+		grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			return NULL;
+		if (ev.type == GRPC_OP_COMPLETE)
+			on_event(ev.tag, ev.success);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	const char *address = "unix:null-sink.sock";
+	long threads = sysconf(_SC_NPROCESSORS_ONLN);
+	sigset_t sigs;
+	int c, sig;
+
+	while ((c = getopt(argc, argv, "a:T:h")) != -1) {
+		switch (c) {
+		case 'a': address = optarg; break;
+		case 'T': threads = atol(optarg); break;
+		case 'h':
+			puts("Usage: null-sink [-a ADDRESS] [-T THREADS]");
+			return 0;
+		default:
+			return 2;
+		}
+	}
+	if (threads < 1 || threads > 256) {
+		fputs("null-sink: -T: 1..256 threads\n", stderr);
+		return 2;
+	}
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+	grpc_init();
+	grpc_arg args[] = {{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+			    .value.integer = 4194304}};
+	grpc_channel_args cargs = {1, args};
+	server = grpc_server_create(&cargs, NULL);
+	cq = grpc_completion_queue_create_for_next(NULL);
+	grpc_server_register_completion_queue(server, cq, NULL);
+	for (int m = 0; m < 2; m++)
+		registered[m] = grpc_server_register_method(server, method_paths[m], NULL,
+							    GRPC_SRM_PAYLOAD_NONE, 0);
+	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+	int port = grpc_server_add_http2_port(server, address, creds);
+	grpc_server_credentials_release(creds);
+	if (!port) {
+		fprintf(stderr, "null-sink: cannot listen on %s\n", address);
+		return 1;
+	}
+	grpc_server_start(server);
+	for (int m = 0; m < 2; m++)
+		request_call(m);
+	pthread_t *tids = xcalloc((size_t)threads, sizeof(*tids));
+	for (long i = 0; i < threads; i++)
+		pthread_create(&tids[i], NULL, worker, NULL);
+	fprintf(stderr, "null-sink ready on %s with %ld threads\n", address, threads);
+
+	sigwait(&sigs, &sig);
+	atomic_store(&shutting_down, true);
+	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
+	grpc_server_cancel_all_calls(server);
+	while (!atomic_load(&shutdown_done))
+		usleep(10000);
+	grpc_server_destroy(server);
+	grpc_completion_queue_shutdown(cq);
+	for (long i = 0; i < threads; i++)
+		pthread_join(tids[i], NULL);
+	grpc_completion_queue_destroy(cq);
+	free(tids);
+	grpc_shutdown();
+	return 0;
+}
