@@ -55,6 +55,7 @@
 #include <grpc/support/time.h>
 
 #include "bench.h"
+#include "client.h"
 #include "codec.h"
 #include "hist.h"
 #include "util.h"
@@ -106,12 +107,6 @@ enum tag_kind {
 struct tag {
 	enum tag_kind kind;
 	void *obj;
-};
-
-struct status {
-	grpc_metadata_array trailing;
-	grpc_status_code code;
-	grpc_slice details;
 };
 
 struct bench;
@@ -240,27 +235,6 @@ static void start_batch(grpc_call *call, const grpc_op *ops, size_t n, struct ta
 			err, tag->kind);
 		abort();
 	}
-}
-
-static void status_init(struct status *st)
-{
-	grpc_metadata_array_init(&st->trailing);
-	st->code = GRPC_STATUS_UNKNOWN;
-	st->details = grpc_empty_slice();
-}
-
-static void status_destroy(struct status *st)
-{
-	grpc_metadata_array_destroy(&st->trailing);
-	grpc_slice_unref(st->details);
-}
-
-static grpc_op status_op(struct status *st)
-{
-	return (grpc_op){.op = GRPC_OP_RECV_STATUS_ON_CLIENT,
-			 .data.recv_status_on_client = {.trailing_metadata = &st->trailing,
-							.status = &st->code,
-							.status_details = &st->details}};
 }
 
 static grpc_channel *channel_open(const char *address, bool own_connection)

@@ -41,6 +41,7 @@
 #include <grpc/support/time.h>
 
 #include "bench.h"
+#include "client.h"
 #include "codec.h"
 #include "util.h"
 
@@ -335,33 +336,6 @@ static void start_batch(grpc_call *call, const grpc_op *ops, size_t n, enum tag 
 		fprintf(stderr, "kbridge: bug: grpc_call_start_batch failed (%d) for tag %d\n", err, tag);
 		abort();
 	}
-}
-
-struct status {
-	grpc_metadata_array trailing; /* elements belong to the call: read before unref */
-	grpc_status_code code;
-	grpc_slice details;
-};
-
-static void status_init(struct status *st)
-{
-	grpc_metadata_array_init(&st->trailing);
-	st->code = GRPC_STATUS_UNKNOWN;
-	st->details = grpc_empty_slice();
-}
-
-static void status_destroy(struct status *st)
-{
-	grpc_metadata_array_destroy(&st->trailing);
-	grpc_slice_unref(st->details);
-}
-
-static grpc_op status_op(struct status *st)
-{
-	return (grpc_op){.op = GRPC_OP_RECV_STATUS_ON_CLIENT,
-			 .data.recv_status_on_client = {.trailing_metadata = &st->trailing,
-							.status = &st->code,
-							.status_details = &st->details}};
 }
 
 /* "CODE: details", as the command's error line says it. */
