@@ -82,7 +82,7 @@ struct pub_req {
 	size_t n_records;
 	size_t bytes;              /* size of the request message, counted while in flight */
 	size_t cursor;             /* next record to hand to Kafka (a full queue parks here) */
-	size_t handed;             /* records handed to Kafka */
+	size_t handed;             /* records handed to Kafka when it was parked */
 	struct pub_req *next;      /* the in-order list (Publish) or the ack queue (others) */
 	struct pub_result *results; /* one per record in the ack modes, else NULL */
 	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
@@ -697,11 +697,16 @@ static grpc_status_code produce_status(rd_kafka_resp_err_t err)
 
 /* Hands req's records to Kafka from its cursor on. A full producer queue parks req on
  * the call (which then reads nothing) until the poll thread finds room. Runs without
- * pc->lock, on one thread at a time for a request. */
+ * pc->lock, on one thread at a time for a request.
+ *
+ * Once the last record is handed over, delivery reports may settle and free req on the
+ * producer's poll thread at any moment, so the count of handed records lives in a local
+ * and req is not touched after that: it is alive only while handed < n. */
 static void produce_request(struct pub_call *pc, struct pub_req *req)
 {
 	Kbridge__V1__PublishRequest *msg = req->msg;
 	size_t n = req->n_records;
+	size_t handed = req->handed;
 	bool acks = req->results != NULL;
 
 	pthread_mutex_lock(&pc->lock);
@@ -723,13 +728,14 @@ static void produce_request(struct pub_call *pc, struct pub_req *req)
 		}
 		rd_kafka_resp_err_t kerr = producer_send(r, &req->slot[i]);
 		if (!kerr) {
-			req->handed++;
+			handed++;
 			continue;
 		}
 		if (kerr == RD_KAFKA_RESP_ERR__QUEUE_FULL || kerr == RD_KAFKA_RESP_ERR__FATAL) {
 			/* Pause, never drop or fail for load: the poll thread calls us again
 			 * (after replacing a producer that hit a fatal error). */
 			req->cursor = i;
+			req->handed = handed;
 			pthread_mutex_lock(&pc->lock);
 			pc->parked = req;
 			wait_add(pc);
@@ -754,7 +760,6 @@ static void produce_request(struct pub_call *pc, struct pub_req *req)
 
 	/* Settles what was never handed over, and an empty request. When every record was
 	 * handed over, their reports settle req (it may be freed already). */
-	size_t handed = req->handed;
 	if (handed < n || n == 0) {
 		pthread_mutex_lock(&pc->lock);
 		req_settle(pc, req, n - handed);
