@@ -328,9 +328,10 @@ static struct treader *shared_find(const char *topic)
 static struct treader *shared_new(const char *topic, int n_parts, const int64_t *offsets)
 {
 	char errmsg[512];
-	/* The shared read is at the end of the log: retention never takes data from under
-	 * it, but a truncated topic restarts it at the earliest record. */
-	rd_kafka_t *rk = open_reader(topic, n_parts, offsets, "earliest", errmsg, sizeof(errmsg));
+	/* Never "earliest": a shared read that lost its place (retention deleted records
+	 * before it read them, or the topic was truncated) must not jump to the earliest
+	 * record without a word. It ends its subscribers with DATA_LOSS instead. */
+	rd_kafka_t *rk = open_reader(topic, n_parts, offsets, "error", errmsg, sizeof(errmsg));
 	pthread_attr_t attr;
 	pthread_t tid;
 
@@ -446,6 +447,46 @@ static void fan_out(struct treader *tr, struct rec **recs, size_t n)
 	}
 }
 
+/* tr lost its place in the log (gone describes where): it leaves the list, and its
+ * subscribers end with DATA_LOSS and their positions, from which they can resubscribe
+ * (kbridge-skipped then says what is gone). */
+static void shared_lost(struct treader *tr, const char *gone)
+{
+	pthread_mutex_lock(&readers_lock);
+	pthread_mutex_lock(&tr->lock);
+	tr->dead = true;
+	for (struct treader **l = &readers; *l; l = &(*l)->list_next)
+		if (*l == tr) {
+			*l = tr->list_next;
+			break;
+		}
+	struct tsub *subs = tr->subs;
+	tr->subs = NULL;
+	tr->n_subs = 0;
+	for (struct tsub *ts = subs; ts; ts = ts->tr_next) {
+		pthread_mutex_lock(&ts->cs->lock);
+		ts->tr = NULL;
+		pthread_mutex_unlock(&ts->cs->lock);
+	}
+	pthread_mutex_unlock(&tr->lock);
+	pthread_mutex_unlock(&readers_lock);
+
+	log_warn("shared reader for %s: Kafka no longer has the records it was to read next (%s); "
+		 "its subscribers end with DATA_LOSS", tr->topic, gone);
+	char *msg = xasprintf("Kafka deleted records before kbridged could read them (%s); subscribe "
+			      "again from kbridge-positions to go on (kbridge-skipped will say what is "
+			      "gone)", gone);
+	/* Each attachment holds a live reference: ts and its subscription are valid until
+	 * cs_unref. */
+	while (subs) {
+		struct tsub *ts = subs;
+		subs = ts->tr_next;
+		ts->cs->sink->failed(ts->cs->arg, GRPC_STATUS_DATA_LOSS, msg);
+		cs_unref(ts->cs);
+	}
+	free(msg);
+}
+
 static void *shared_main(void *arg)
 {
 	struct treader *tr = arg;
@@ -455,7 +496,8 @@ static void *shared_main(void *arg)
 
 	snprintf(who, sizeof(who), "shared reader %s", tr->topic);
 	for (;;) {
-		size_t n = fetch(q, 100, recs, who, NULL, 0);
+		char gone[512] = "";
+		size_t n = fetch(q, 100, recs, who, gone, sizeof(gone));
 		pthread_mutex_lock(&tr->lock);
 		for (size_t i = 0; i < n; i++)
 			if (recs[i]->partition >= 0 && recs[i]->partition < tr->n_parts)
@@ -469,6 +511,10 @@ static void *shared_main(void *arg)
 		pthread_mutex_unlock(&tr->lock);
 		for (size_t i = 0; i < n; i++)
 			rec_release(recs[i]);
+		if (gone[0]) {
+			shared_lost(tr, gone);
+			break;
+		}
 		if (!idle)
 			continue;
 		/* Leave the list unless someone joined meanwhile (joins hold readers_lock). */
@@ -514,6 +560,21 @@ static bool wait_for_room(struct csub *cs)
 	bool go_on = !cs->stop;
 	pthread_mutex_unlock(&cs->lock);
 	return go_on;
+}
+
+/* True when ts's wanted offsets are at the end of the log, as far as rk's last fetch
+ * responses tell. Fetching nothing for a while is no proof of that: a fetch can be slow
+ * or backed off, and a shared read started behind the end would be wrong twice (a
+ * shared read far behind, and one that retention can overtake). */
+static bool at_end(rd_kafka_t *rk, const struct tsub *ts)
+{
+	for (int p = 0; p < ts->n_parts; p++) {
+		int64_t lo = -1, hi = -1;
+		if (rd_kafka_get_watermark_offsets(rk, ts->topic, p, &lo, &hi) != RD_KAFKA_RESP_ERR_NO_ERROR ||
+		    hi < 0 || ts->w[p] < hi)
+			return false;
+	}
+	return true;
 }
 
 static void *private_main(void *arg)
@@ -572,8 +633,8 @@ static void *private_main(void *arg)
 			break;
 		}
 		/* Caught up with the shared read? Start one if there is none and this
-		 * reader found nothing more to read (it is at the end of the log). */
-		shared = try_share(ts, n == 0);
+		 * reader is at the end of the log. */
+		shared = try_share(ts, n == 0 && at_end(rk, ts));
 	}
 	rd_kafka_queue_destroy(q);
 	close_reader(rk);
