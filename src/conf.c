@@ -54,6 +54,7 @@ static const struct setting settings[] = {
 	{"subscribe.max_subscribers", CT_INT, F(subscribe_max_subscribers), 10000, 1, 1000000, NULL},
 	{"subscribe.max_batch", CT_INT, F(subscribe_max_batch), 500, 1, 100000, NULL},
 	{"subscribe.buffer_records", CT_INT, F(subscribe_buffer_records), 10000, 1, 1000000, NULL},
+	{"subscribe.buffer_bytes", CT_INT, F(subscribe_buffer_bytes), 16777216, 1024, 1073741824, NULL},
 };
 #undef F
 

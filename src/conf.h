@@ -35,6 +35,7 @@ struct conf {
 	int subscribe_max_subscribers;
 	int subscribe_max_batch;
 	int subscribe_buffer_records;
+	int subscribe_buffer_bytes;
 };
 
 /* Fills c with the built-in defaults. Free with conf_free(). */

@@ -117,6 +117,7 @@ static struct rec *rec_from(const rd_kafka_message_t *m)
 	struct rec *r = xmalloc(size);
 	char *p = (char *)(r + 1);
 	atomic_init(&r->refs, 1);
+	r->size = size;
 	r->partition = m->partition;
 	r->offset = m->offset;
 	r->timestamp = rd_kafka_message_timestamp(m, &tstype);

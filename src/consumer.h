@@ -46,6 +46,7 @@ struct rec {
 	size_t key_len, value_len;
 	size_t n_headers;
 	struct rec_header *headers;
+	size_t size; /* bytes this record takes in memory, all included */
 };
 
 /* Drops a reference; the record is freed with the last. Any thread. */

@@ -61,7 +61,9 @@ struct sub_call {
 
 	struct rec **ring;
 	size_t cap, head, count;
+	size_t bytes, cap_bytes;  /* of the records in ring, and the bound */
 	bool reader_waiting; /* a catch-up reader holds records we had no room for */
+	size_t waiting_size; /* the size of the first of them */
 
 	bool group;               /* a consumer group member: commits after sends */
 	rd_kafka_topic_partition_list_t *commit; /* to commit after unlocking */
@@ -128,6 +130,7 @@ static void start_batch(struct sub_call *sc, const grpc_op *ops, size_t n, struc
 static void drop_buffer(struct sub_call *sc)
 {
 	while (sc->count) {
+		sc->bytes -= sc->ring[sc->head]->size;
 		rec_release(sc->ring[sc->head]);
 		sc->head = (sc->head + 1) % sc->cap;
 		sc->count--;
@@ -230,6 +233,7 @@ static grpc_byte_buffer *take_batch(struct sub_call *sc)
 	for (k = 0; k < n; k++) {
 		struct rec *m = sc->ring[sc->head];
 		advance(sc, m);
+		sc->bytes -= m->size;
 		rec_release(m);
 		sc->head = (sc->head + 1) % sc->cap;
 		sc->count--;
@@ -287,11 +291,18 @@ static void pump(struct sub_call *sc)
 	start_batch(sc, &op, 1, &sc->t_send);
 }
 
-/* The consumer to wake, if a catch-up reader waits for room and there is some now. Under
- * sc->lock; the caller wakes it after unlocking. */
+/* Whether the buffer has room for a record of size bytes: under both bounds, or empty (a
+ * record larger than the byte bound goes alone). Under sc->lock. */
+static bool fits(const struct sub_call *sc, size_t size)
+{
+	return sc->count == 0 || (sc->count < sc->cap && sc->bytes + size <= sc->cap_bytes);
+}
+
+/* The consumer to wake, if a catch-up reader waits for room and there is some now for its
+ * next record. Under sc->lock; the caller wakes it after unlocking. */
 static struct csub *wake_due(struct sub_call *sc)
 {
-	if (!sc->reader_waiting || sc->count >= sc->cap || !sc->cs || sc->unsubscribed)
+	if (!sc->reader_waiting || !fits(sc, sc->waiting_size) || !sc->cs || sc->unsubscribed)
 		return NULL;
 	sc->reader_waiting = false;
 	return sc->cs;
@@ -474,6 +485,7 @@ void subscribe_handle(struct incoming *in)
 	if (sc->max_batch > 100000)
 		sc->max_batch = 100000;
 	sc->cap = conf->subscribe_buffer_records;
+	sc->cap_bytes = conf->subscribe_buffer_bytes;
 	sc->ring = xcalloc(sc->cap, sizeof(*sc->ring));
 	atomic_fetch_add(&n_active, 1);
 
@@ -549,12 +561,15 @@ static size_t on_deliver(void *arg, struct rec **recs, size_t n)
 		for (; took < n; took++)
 			rec_release(recs[took]);
 	} else {
-		for (; took < n && sc->count < sc->cap; took++) {
+		for (; took < n && fits(sc, recs[took]->size); took++) {
 			sc->ring[(sc->head + sc->count) % sc->cap] = recs[took];
 			sc->count++;
+			sc->bytes += recs[took]->size;
 		}
-		if (took < n)
+		if (took < n) {
 			sc->reader_waiting = true;
+			sc->waiting_size = recs[took]->size;
+		}
 		pump(sc);
 	}
 	/* Under the consumer's locks we may only wake it (cs->lock comes after tr->lock),
@@ -594,10 +609,12 @@ static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts)
 		bool revoked = false;
 		for (int j = 0; j < parts->cnt && !revoked; j++)
 			revoked = parts->elems[j].partition == r->partition && strcmp(parts->elems[j].topic, r->topic) == 0;
-		if (revoked)
+		if (revoked) {
+			sc->bytes -= r->size;
 			rec_release(r);
-		else
+		} else {
 			sc->ring[(sc->head + kept++) % sc->cap] = r;
+		}
 	}
 	sc->count = kept;
 	for (int j = 0; j < parts->cnt; j++) {
