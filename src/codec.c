@@ -1,5 +1,8 @@
 #include "config.h"
 
+#include <stddef.h>
+#include <stdlib.h>
+
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
@@ -17,25 +20,101 @@ grpc_byte_buffer *codec_encode(const ProtobufCMessage *msg)
 	return bb;
 }
 
+/* --- arenas --- */
+
+struct chunk {
+	struct chunk *next;
+	size_t size, used;
+	max_align_t data[];
+};
+
+struct arena {
+	ProtobufCAllocator a; /* first: the allocator is the arena */
+	struct chunk *chunks;
+};
+
+static struct chunk *chunk_new(size_t size, struct chunk *next)
+{
+	struct chunk *c = xmalloc(sizeof(*c) + size);
+	c->next = next;
+	c->size = size;
+	c->used = 0;
+	return c;
+}
+
+static void *arena_alloc(void *data, size_t size)
+{
+	struct arena *ar = data;
+	struct chunk *c = ar->chunks;
+	const size_t align = sizeof(max_align_t);
+
+	size = (size + align - 1) / align * align;
+	if (c->size - c->used < size) {
+		size_t want = c->size * 2;
+		ar->chunks = c = chunk_new(want > size ? want : size, c);
+	}
+	void *p = (char *)c->data + c->used;
+	c->used += size;
+	return p;
+}
+
+static void arena_free(void *data, void *p)
+{
+	(void)data;
+	(void)p;
+}
+
+ProtobufCAllocator *codec_arena_new(size_t hint)
+{
+	struct arena *ar = xmalloc(sizeof(*ar));
+	ar->a.alloc = arena_alloc;
+	ar->a.free = arena_free;
+	ar->a.allocator_data = ar;
+	/* Decoded, a message takes its encoded size (bytes and strings are copied) plus the
+	 * structs: about twice its size for small records. */
+	ar->chunks = chunk_new(2 * hint + 256, NULL);
+	return &ar->a;
+}
+
+void codec_arena_destroy(ProtobufCAllocator *arena)
+{
+	if (!arena)
+		return;
+	struct arena *ar = (struct arena *)arena;
+	for (struct chunk *c = ar->chunks, *next; c; c = next) {
+		next = c->next;
+		free(c);
+	}
+	free(ar);
+}
+
+/* --- messages --- */
+
 ProtobufCMessage *codec_decode(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb)
+{
+	return codec_decode_with(desc, bb, NULL);
+}
+
+ProtobufCMessage *codec_decode_with(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb,
+				    ProtobufCAllocator *allocator)
 {
 	grpc_byte_buffer_reader reader;
 	grpc_slice slice;
 	ProtobufCMessage *msg;
 
 	if (!bb)
-		return protobuf_c_message_unpack(desc, NULL, 0, (const uint8_t *)"");
+		return protobuf_c_message_unpack(desc, allocator, 0, (const uint8_t *)"");
 	if (!grpc_byte_buffer_reader_init(&reader, bb))
 		return NULL;
 	/* Unpack in place when the message sits in one slice; protobuf-c copies what it keeps. */
 	if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
 	    bb->data.raw.slice_buffer.count == 1) {
 		slice = bb->data.raw.slice_buffer.slices[0];
-		msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
+		msg = protobuf_c_message_unpack(desc, allocator, GRPC_SLICE_LENGTH(slice),
 						GRPC_SLICE_START_PTR(slice));
 	} else {
 		slice = grpc_byte_buffer_reader_readall(&reader);
-		msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
+		msg = protobuf_c_message_unpack(desc, allocator, GRPC_SLICE_LENGTH(slice),
 						GRPC_SLICE_START_PTR(slice));
 		grpc_slice_unref(slice);
 	}

@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -209,11 +210,30 @@ rd_kafka_resp_err_t producer_topic_metadata(const char *topic, const struct rd_k
 	return err;
 }
 
-rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
+void producer_batch_begin(struct producer_batch *b)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	b->now_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	b->rkt = NULL;
+	/* The poll thread swaps rk (after a fatal error) under the write lock only. */
+	pthread_rwlock_rdlock(&rk_lock);
+	b->rk = rk;
+}
+
+rd_kafka_resp_err_t producer_send(struct producer_batch *b, const Kbridge__V1__Record *r, void *opaque)
 {
 	rd_kafka_headers_t *hdrs = NULL;
 	rd_kafka_resp_err_t err;
 
+	if (!b->rkt || strcmp(rd_kafka_topic_name(b->rkt), r->topic) != 0) {
+		if (b->rkt)
+			rd_kafka_topic_destroy(b->rkt);
+		b->rkt = rd_kafka_topic_new(b->rk, r->topic, NULL);
+		if (!b->rkt)
+			return rd_kafka_last_error();
+	}
 	if (r->n_headers) {
 		hdrs = rd_kafka_headers_new(r->n_headers);
 		for (size_t i = 0; i < r->n_headers; i++)
@@ -222,20 +242,26 @@ rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque)
 	}
 	/* No RD_KAFKA_MSG_F_COPY: the caller keeps key and value alive until the delivery
 	 * report, which saves a copy of every record. */
-	pthread_rwlock_rdlock(&rk_lock);
 	err = rd_kafka_producev(
-		rk, RD_KAFKA_V_TOPIC(r->topic),
+		b->rk, RD_KAFKA_V_RKT(b->rkt),
 		RD_KAFKA_V_PARTITION(r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION
 					     ? r->partition
 					     : RD_KAFKA_PARTITION_UA),
 		RD_KAFKA_V_KEY(r->key.len ? r->key.data : NULL, r->key.len),
 		RD_KAFKA_V_VALUE(r->value.len ? r->value.data : NULL, r->value.len),
-		RD_KAFKA_V_TIMESTAMP(r->timestamp_ms), RD_KAFKA_V_HEADERS(hdrs),
+		RD_KAFKA_V_TIMESTAMP(r->timestamp_ms ? r->timestamp_ms : b->now_ms), RD_KAFKA_V_HEADERS(hdrs),
 		RD_KAFKA_V_OPAQUE(opaque), RD_KAFKA_V_END);
-	pthread_rwlock_unlock(&rk_lock);
 	if (err && hdrs)
 		rd_kafka_headers_destroy(hdrs); /* on success the message owns them */
 	return err;
+}
+
+void producer_batch_end(struct producer_batch *b)
+{
+	if (b->rkt)
+		rd_kafka_topic_destroy(b->rkt);
+	b->rkt = NULL;
+	pthread_rwlock_unlock(&rk_lock);
 }
 
 /* The poll thread may swap rk and retire producers meanwhile: the main thread reads

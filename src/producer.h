@@ -32,11 +32,21 @@ rd_kafka_resp_err_t producer_metadata(const struct rd_kafka_metadata **md, int t
 /* Reads the metadata of one topic (blocking). The caller frees *md. */
 rd_kafka_resp_err_t producer_topic_metadata(const char *topic, const struct rd_kafka_metadata **md,
 					    int timeout_ms);
+/* Records are handed over in batches (a request's records): the producer is locked once
+ * per batch, a topic is looked up once per run of records to it, and a record without a
+ * timestamp gets the batch's (the clock is read once). Nothing in a batch blocks. */
+struct producer_batch {
+	rd_kafka_t *rk;
+	rd_kafka_topic_t *rkt; /* the topic of the previous record, or NULL */
+	int64_t now_ms;        /* wall clock at the start of the batch */
+};
+void producer_batch_begin(struct producer_batch *b);
 /* Hands one record to librdkafka without copying key and value: they must stay valid until
  * the delivery report. Never blocks: a full queue returns RD_KAFKA_RESP_ERR__QUEUE_FULL
  * (call producer_want_room and try again from on_room). Returns the librdkafka error; on
  * error no delivery report will come. */
-rd_kafka_resp_err_t producer_send(const Kbridge__V1__Record *r, void *opaque);
+rd_kafka_resp_err_t producer_send(struct producer_batch *b, const Kbridge__V1__Record *r, void *opaque);
+void producer_batch_end(struct producer_batch *b);
 /* Waits up to timeout_ms for every queued record's delivery report; returns how many are
  * still outstanding. */
 int producer_flush(int timeout_ms);
