@@ -54,6 +54,7 @@ static atomic_llong *heartbeats;
 static int n_threads;
 static int requests_per_method;
 static atomic_bool draining;
+static atomic_llong last_match_ms; /* when a requested call was last matched */
 
 static pthread_mutex_t shutdown_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t shutdown_cond = PTHREAD_COND_INITIALIZER;
@@ -111,6 +112,7 @@ static void request_done(struct tag *tag, bool ok)
 	}
 	/* Re-arm first, so the next call can be accepted while this one is handled. */
 	request_arm(r->method);
+	atomic_store(&last_match_ms, now_ms());
 	if (atomic_load(&draining)) {
 		server_reject(&r->in, GRPC_STATUS_UNAVAILABLE, "kbridged is shutting down; retry on another instance");
 	} else if (r->method) {
@@ -286,11 +288,19 @@ bool server_threads_alive(int64_t max_ms)
 void server_shutdown_begin(void)
 {
 	atomic_store(&draining, true);
-	shutdown_tag.done = shutdown_tag_done;
-	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
 	/* Streams do not end by themselves: end them so the shutdown can complete. */
 	subscribe_drain();
 	publish_drain();
+	/* gRPC cancels the calls it has taken in but not yet handed to us when the shutdown
+	 * starts, and a client sees CANCELLED, which it does not retry. Calls matched from
+	 * now on are answered UNAVAILABLE (request_done): let those waiting be matched, until
+	 * none came for QUIET_MS (at most GRACE_MS), before shutting the server down. */
+	enum { QUIET_MS = 300, GRACE_MS = 2000 };
+	int64_t start = now_ms();
+	while (now_ms() - start < GRACE_MS && now_ms() - atomic_load(&last_match_ms) < QUIET_MS)
+		usleep(10 * 1000);
+	shutdown_tag.done = shutdown_tag_done;
+	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
 }
 
 bool server_shutdown_wait(int64_t deadline_ms)
