@@ -77,6 +77,10 @@
 #                          poll COMMAND every 0.1 s; fail after SECONDS. COMMAND
 #                          runs each time, but a $(...) in it is expanded only once,
 #                          when wait_until is called: wrap such checks in a function.
+#   check_each_once DESCRIPTION FILE N
+#                          FILE (kbclient subscribe JSON lines) holds the records keyed
+#                          X-0..X-(N-1) (any one-letter prefix), each exactly once, with
+#                          offsets rising by one per partition
 #   check_py DESCRIPTION [ARGS...] <<'EOF' ... EOF
 #                          run the Python script on stdin with ARGS (sys.argv[1:]);
 #                          fail with DESCRIPTION (and what the script printed)
@@ -171,6 +175,25 @@ check_py() {
 	shift
 	"$PYTHON3" - "$@" || fail "$what"
 	ok "$what"
+}
+
+check_each_once() {
+	check_py "$1" "$2" "$3" <<'EOF'
+import json, sys
+n = int(sys.argv[2])
+prev, seen = {}, set()
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    i = int(r["key"][2:])
+    assert i not in seen, f"record {i} twice"
+    seen.add(i)
+    p = r["partition"]
+    assert p not in prev or r["offset"] == prev[p] + 1, f"partition {p}: offset {r['offset']} after {prev[p]}"
+    prev[p] = r["offset"]
+missing = sorted(set(range(n)) - seen)
+assert not missing, f"{len(missing)} records missing, first {missing[:5]}"
+assert len(seen) == n, f"{len(seen)} records, want {n}"
+EOF
 }
 
 json_get() {

@@ -40,21 +40,8 @@ touch "$RESUME"
 wait "$STALLED" || fail "the stalled subscriber after resuming: $(cat "$T/stalled.err")"
 
 for who in reader stalled; do
-	check_py "$who: every record exactly once, offsets rising by one per partition" \
-		"$T/$who.jsonl" "$RECORDS" <<'PY'
-import json, sys
-n = int(sys.argv[2])
-prev, seen = {}, set()
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    i = int(r["key"][2:])
-    assert i not in seen, f"record {i} twice"
-    seen.add(i)
-    p = r["partition"]
-    assert p not in prev or r["offset"] == prev[p] + 1, f"partition {p}: offset {r['offset']} after {prev[p]}"
-    prev[p] = r["offset"]
-assert len(seen) == n, f"{len(seen)} records, want {n}"
-PY
+	check_each_once "$who: every record exactly once, offsets rising by one per partition" \
+		"$T/$who.jsonl" "$RECORDS"
 done
 
 rc=0

@@ -33,26 +33,7 @@ wait_ready() { # PID ERRFILE
 	fail "subscriber got no initial metadata within 30 s"
 }
 
-# check_all WHAT FILE: FILE holds s-0..s-(RECORDS-1), each once, offsets
-# rising by one per partition.
-check_all() {
-	check_py "$1" "$2" "$RECORDS" <<'EOF'
-import json, sys
-n = int(sys.argv[2])
-prev, seen = {}, set()
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    i = int(r["key"][2:])
-    assert i not in seen, f"record {i} twice"
-    seen.add(i)
-    p = r["partition"]
-    assert p not in prev or r["offset"] == prev[p] + 1, f"partition {p}: offset {r['offset']} after {prev[p]}"
-    prev[p] = r["offset"]
-missing = sorted(set(range(n)) - seen)
-assert not missing, f"{len(missing)} records missing, first {missing[:5]}"
-assert len(seen) == n, f"{len(seen)} records, want {n}"
-EOF
-}
+check_all() { check_each_once "$1" "$2" "$RECORDS"; }
 
 RESUME="$T/resume"
 py subscribe --topic slow --stall-after 50 --resume-file "$RESUME" --count "$RECORDS" \
