@@ -49,10 +49,8 @@ static void *arena_alloc(void *data, size_t size)
 	const size_t align = sizeof(max_align_t);
 
 	size = (size + align - 1) / align * align;
-	if (c->size - c->used < size) {
-		size_t want = c->size * 2;
-		ar->chunks = c = chunk_new(want > size ? want : size, c);
-	}
+	if (c->size - c->used < size) /* another chunk like the last: waste stays under one */
+		ar->chunks = c = chunk_new(c->size > size ? c->size : size, c);
 	void *p = (char *)c->data + c->used;
 	c->used += size;
 	return p;
@@ -70,9 +68,11 @@ ProtobufCAllocator *codec_arena_new(size_t hint)
 	ar->a.alloc = arena_alloc;
 	ar->a.free = arena_free;
 	ar->a.allocator_data = ar;
-	/* Decoded, a message takes its encoded size (bytes and strings are copied) plus the
-	 * structs: about twice its size for small records. */
-	ar->chunks = chunk_new(2 * hint + 256, NULL);
+	/* Decoded, a message takes its encoded size (bytes and strings are copied) plus its
+	 * structs: a little more for large records (one chunk), up to about 2.5 times for
+	 * small ones (a chunk or two more). The encoded size is what the in-flight byte
+	 * limits count, so the first chunk is not made larger than that needs. */
+	ar->chunks = chunk_new(hint + 1024, NULL);
 	return &ar->a;
 }
 
