@@ -84,7 +84,7 @@ static void drain(const struct conf *c)
 	sd_notify(0, "STOPPING=1\nSTATUS=draining: finishing in-flight publishes");
 	log_notice("draining: no new calls; %zu publish calls and %zu subscriptions to end (up to %d ms)",
 		   publish_active(), subscribe_active(), c->shutdown_timeout_ms);
-	server_shutdown_begin();
+	server_shutdown_begin(deadline);
 	if (!server_shutdown_wait(deadline)) {
 		log_warn("shutdown_timeout_ms (%d) passed with %zu publish calls still waiting for Kafka; cancelling them",
 			 c->shutdown_timeout_ms, publish_active());

@@ -285,7 +285,7 @@ bool server_threads_alive(int64_t max_ms)
 	return true;
 }
 
-void server_shutdown_begin(void)
+void server_shutdown_begin(int64_t deadline_ms)
 {
 	atomic_store(&draining, true);
 	/* Streams do not end by themselves: end them so the shutdown can complete. */
@@ -293,12 +293,22 @@ void server_shutdown_begin(void)
 	publish_drain();
 	/* gRPC cancels the calls it has taken in but not yet handed to us when the shutdown
 	 * starts, and a client sees CANCELLED, which it does not retry. Calls matched from
-	 * now on are answered UNAVAILABLE (request_done): let those waiting be matched, until
-	 * none came for QUIET_MS (at most GRACE_MS), before shutting the server down. */
-	enum { QUIET_MS = 300, GRACE_MS = 2000 };
-	int64_t start = now_ms();
-	while (now_ms() - start < GRACE_MS && now_ms() - atomic_load(&last_match_ms) < QUIET_MS)
+	 * now on are answered UNAVAILABLE (request_done). A client whose call ends (the
+	 * publishes finishing now) may start its next one at once: so the server is shut
+	 * down only once no call of ours is left and none was matched for QUIET_MS (or at
+	 * the deadline). */
+	enum { QUIET_MS = 500 };
+	int64_t quiet_since = now_ms();
+	for (;;) {
+		int64_t now = now_ms(), matched = atomic_load(&last_match_ms);
+		if (publish_active() || subscribe_active())
+			quiet_since = now;
+		if (matched > quiet_since)
+			quiet_since = matched;
+		if (now - quiet_since >= QUIET_MS || now >= deadline_ms)
+			break;
 		usleep(10 * 1000);
+	}
 	shutdown_tag.done = shutdown_tag_done;
 	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
 }

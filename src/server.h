@@ -39,8 +39,10 @@ void server_start(void);
 grpc_completion_queue *server_cq(void);
 /* True once the daemon began draining. */
 bool server_draining(void);
-/* Stops taking new calls; calls already running go on. */
-void server_shutdown_begin(void);
+/* Draining: ends the streams, answers new calls UNAVAILABLE, and once the calls running
+ * have ended and no new one came for a moment (or at deadline_ms, monotonic), stops
+ * taking calls. */
+void server_shutdown_begin(int64_t deadline_ms);
 /* Waits until every call has ended or deadline_ms (monotonic) passes; true when ended. */
 bool server_shutdown_wait(int64_t deadline_ms);
 /* Cancels every call still running (after the grace period). */
