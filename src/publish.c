@@ -56,14 +56,6 @@ enum pub_mode {
 	MODE_PRODUCE,
 };
 
-/* The outcome of one record, for PublishAck (stream and unary modes). */
-struct pub_result {
-	int32_t partition;
-	int64_t offset;
-	grpc_status_code code;
-	char *error;
-};
-
 struct pub_range {
 	char *topic;
 	int32_t partition;
@@ -85,7 +77,8 @@ struct pub_req {
 	size_t handed;             /* records handed to Kafka when it was parked */
 	ProtobufCAllocator *arena; /* holds msg */
 	struct pub_req *next;      /* the in-order list (Publish) or the ack queue (others) */
-	struct pub_result *results; /* one per record in the ack modes, else NULL */
+	struct record_result *results; /* one per record in the ack modes, else NULL; errors are
+					 * ours (freed with the request) */
 	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
 };
 
@@ -202,7 +195,7 @@ static void req_free(struct pub_req *req)
 	codec_arena_destroy(req->arena);
 	if (req->results)
 		for (size_t i = 0; i < req->n_records; i++)
-			free(req->results[i].error);
+			free((char *)req->results[i].error);
 	free(req->results);
 	free(req);
 }
@@ -210,26 +203,7 @@ static void req_free(struct pub_req *req)
 /* The PublishAck of a settled request. */
 static grpc_byte_buffer *encode_ack(const struct pub_req *req)
 {
-	Kbridge__V1__PublishAck ack = KBRIDGE__V1__PUBLISH_ACK__INIT;
-	Kbridge__V1__RecordResult *r = xcalloc(req->n_records, sizeof(*r));
-	Kbridge__V1__RecordResult **rp = xcalloc(req->n_records, sizeof(*rp));
-
-	for (size_t i = 0; i < req->n_records; i++) {
-		kbridge__v1__record_result__init(&r[i]);
-		r[i].partition = req->results[i].partition;
-		r[i].offset = req->results[i].offset;
-		r[i].code = req->results[i].code;
-		if (req->results[i].error)
-			r[i].error = req->results[i].error;
-		rp[i] = &r[i];
-	}
-	ack.sequence = req->index;
-	ack.n_results = req->n_records;
-	ack.results = rp;
-	grpc_byte_buffer *bb = codec_encode(&ack.base);
-	free(rp);
-	free(r);
-	return bb;
+	return codec_encode_publish_ack(req->index, req->results, req->n_records);
 }
 
 /* Takes the oldest settled request off the ack queue, encoded; the request is freed. */
@@ -553,17 +527,18 @@ static bool topic_name_ok(const char *t)
 	return true;
 }
 
-grpc_status_code publish_validate_record(const Kbridge__V1__Record *r, uint64_t req_index,
-					 size_t rec_index, size_t max_record_bytes, char *msg, size_t msgsize)
+/* topic_ok: the topic is one already found valid (the record before had it). */
+static grpc_status_code validate_record(const Kbridge__V1__Record *r, uint64_t req_index, size_t rec_index,
+					size_t max_record_bytes, bool topic_ok, char *msg, size_t msgsize)
 {
 	size_t bytes = r->key.len + r->value.len;
 
 	for (size_t h = 0; h < r->n_headers; h++)
 		bytes += strlen(r->headers[h]->key) + r->headers[h]->value.len;
-	if (!r->topic[0]) {
+	if (!topic_ok && !r->topic[0]) {
 		snprintf(msg, msgsize, "request %" PRIu64 ", record %zu: the topic is empty", req_index,
 			 rec_index);
-	} else if (!topic_name_ok(r->topic)) {
+	} else if (!topic_ok && !topic_name_ok(r->topic)) {
 		snprintf(msg, msgsize,
 			 "request %" PRIu64 ", record %zu: \"%.64s\" is not a valid Kafka topic name "
 			 "(1 to 249 of a-z A-Z 0-9 . _ -)", req_index, rec_index, r->topic);
@@ -583,6 +558,12 @@ grpc_status_code publish_validate_record(const Kbridge__V1__Record *r, uint64_t 
 	return GRPC_STATUS_INVALID_ARGUMENT;
 }
 
+grpc_status_code publish_validate_record(const Kbridge__V1__Record *r, uint64_t req_index,
+					 size_t rec_index, size_t max_record_bytes, char *msg, size_t msgsize)
+{
+	return validate_record(r, req_index, rec_index, max_record_bytes, false, msg, msgsize);
+}
+
 grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64_t req_index,
 				  size_t max_record_bytes, char *msg, size_t msgsize)
 {
@@ -600,11 +581,12 @@ grpc_status_code publish_validate(const Kbridge__V1__PublishRequest *req, uint64
 static grpc_status_code check_record(const Kbridge__V1__Record *r, uint64_t index, size_t i,
 				     const char **last_topic, int *last_parts, char *err, size_t errsize)
 {
-	grpc_status_code code = publish_validate_record(r, index, i, conf->publish_max_record_bytes, err,
-							 errsize);
+	/* Decoded records of one topic share its string (codec.h): compare pointers first. */
+	grpc_status_code code = validate_record(r, index, i, conf->publish_max_record_bytes,
+						*last_topic == r->topic, err, errsize);
 	if (code != GRPC_STATUS_OK)
 		return code;
-	if (!*last_topic || strcmp(*last_topic, r->topic) != 0) {
+	if (*last_topic != r->topic && (!*last_topic || strcmp(*last_topic, r->topic) != 0)) {
 		*last_topic = r->topic;
 		*last_parts = topics_partitions(r->topic);
 	}
@@ -630,11 +612,10 @@ static grpc_status_code check_record(const Kbridge__V1__Record *r, uint64_t inde
 static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, uint64_t index)
 {
 	size_t bytes = codec_length(bb);
-	/* The decoded request lives in one arena: a few allocations instead of several per
-	 * record, all freed at once when its last record is settled. */
-	ProtobufCAllocator *arena = codec_arena_new(bytes);
-	Kbridge__V1__PublishRequest *msg = (Kbridge__V1__PublishRequest *)codec_decode_with(
-		&kbridge__v1__publish_request__descriptor, bb, arena);
+	/* The decoded request lives in one arena that also holds its bytes (keys and values
+	 * point into them), all freed at once when its last record is settled. */
+	ProtobufCAllocator *arena;
+	Kbridge__V1__PublishRequest *msg = codec_decode_publish_request(bb, &arena);
 	bool acks = pc->mode != MODE_PUBLISH;
 	const char *last_topic = NULL;
 	int last_parts = -1;
@@ -643,7 +624,6 @@ static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, 
 	if (bb)
 		grpc_byte_buffer_destroy(bb);
 	if (!msg) {
-		codec_arena_destroy(arena);
 		pthread_mutex_lock(&pc->lock);
 		fail(pc, GRPC_STATUS_INVALID_ARGUMENT,
 		     xasprintf("request %" PRIu64 ": not a valid kbridge.v1.PublishRequest message", index));
@@ -674,7 +654,7 @@ static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, 
 			pthread_mutex_unlock(&pc->lock);
 			return NULL;
 		}
-		req->results[i] = (struct pub_result){-1, -1, code, xstrdup(err)};
+		req->results[i] = (struct record_result){-1, -1, code, xstrdup(err)};
 	}
 
 	pthread_mutex_lock(&pc->lock);
@@ -728,7 +708,7 @@ static void produce_request(struct pub_call *pc, struct pub_req *req)
 			continue; /* refused by check_record */
 		if (abandon) {
 			if (acks)
-				req->results[i] = (struct pub_result){
+				req->results[i] = (struct record_result){
 					-1, -1, GRPC_STATUS_UNAVAILABLE,
 					xasprintf("request %" PRIu64 ", record %zu: not published: the stream ended "
 						  "before Kafka had room for it", req->index, i)};
@@ -761,7 +741,7 @@ static void produce_request(struct pub_call *pc, struct pub_req *req)
 				    : xasprintf("request %" PRIu64 ", record %zu: topic %s: %s", req->index, i,
 						r->topic, rd_kafka_err2str(kerr));
 		if (acks) {
-			req->results[i] = (struct pub_result){-1, -1, produce_status(kerr), why};
+			req->results[i] = (struct record_result){-1, -1, produce_status(kerr), why};
 			continue;
 		}
 		pthread_mutex_lock(&pc->lock);
@@ -912,7 +892,7 @@ void publish_on_delivery(const rd_kafka_message_t *m)
 		topics_invalidate(rd_kafka_topic_name(m->rkt));
 	pthread_mutex_lock(&pc->lock);
 	if (req->results) {
-		struct pub_result *res = &req->results[index];
+		struct record_result *res = &req->results[index];
 		res->partition = m->partition;
 		res->offset = m->err ? -1 : m->offset;
 		res->code = status_from_kafka(m->err);
