@@ -99,60 +99,71 @@ static void private_start(struct tsub *ts);
 static struct rec *rec_from(const rd_kafka_message_t *m)
 {
 	const char *topic = rd_kafka_topic_name(m->rkt);
+	size_t tlen = strlen(topic) + 1;
 	rd_kafka_headers_t *h = NULL;
-	size_t n_h = 0, size, tlen = strlen(topic) + 1;
 	rd_kafka_timestamp_type_t tstype;
+	struct record_fields f = {
+		.topic = topic,
+		.partition = m->partition,
+		.offset = m->offset,
+		.timestamp_ms = rd_kafka_message_timestamp(m, &tstype),
+		.key = m->key,
+		.key_len = m->key_len,
+		.value = m->payload,
+		.value_len = m->len,
+	};
+	enum { STACK_HEADERS = 16 };
+	const char *keys_stack[STACK_HEADERS];
+	const void *values_stack[STACK_HEADERS];
+	size_t lens_stack[STACK_HEADERS];
+	const char **keys = keys_stack;
+	const void **values = values_stack;
+	size_t *lens = lens_stack, data_len = m->key_len + m->len;
 
-	if (rd_kafka_message_headers(m, &h) == RD_KAFKA_RESP_ERR_NO_ERROR)
-		n_h = rd_kafka_header_cnt(h);
-	size = sizeof(struct rec) + n_h * sizeof(struct rec_header) + tlen + m->key_len + m->len;
-	for (size_t i = 0; i < n_h; i++) {
-		const char *name;
-		const void *val;
-		size_t len;
-		if (rd_kafka_header_get_all(h, i, &name, &val, &len) == RD_KAFKA_RESP_ERR_NO_ERROR)
-			size += strlen(name) + 1 + (val ? len : 0);
+	if (rd_kafka_message_headers(m, &h) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+		size_t n = rd_kafka_header_cnt(h);
+		if (n > STACK_HEADERS) {
+			keys = xcalloc(n, sizeof(*keys));
+			values = xcalloc(n, sizeof(*values));
+			lens = xcalloc(n, sizeof(*lens));
+		}
+		for (size_t i = 0; i < n; i++) {
+			size_t k = f.n_headers;
+			if (rd_kafka_header_get_all(h, i, &keys[k], &values[k], &lens[k]) != RD_KAFKA_RESP_ERR_NO_ERROR)
+				break;
+			if (!values[k])
+				lens[k] = 0;
+			data_len += strlen(keys[k]) + lens[k];
+			f.n_headers++;
+		}
 	}
-	/* One allocation holds the record and everything it points to. */
-	struct rec *r = xmalloc(size);
-	char *p = (char *)(r + 1);
+	f.header_keys = keys;
+	f.header_values = values;
+	f.header_lens = lens;
+
+	/* One allocation holds the record and its topic; the encoding is a slice. */
+	struct rec *r = xmalloc(sizeof(*r) + tlen);
 	atomic_init(&r->refs, 1);
-	r->size = size;
+	r->topic = memcpy(r + 1, topic, tlen);
 	r->partition = m->partition;
 	r->offset = m->offset;
-	r->timestamp = rd_kafka_message_timestamp(m, &tstype);
-	r->headers = (struct rec_header *)p;
-	p += n_h * sizeof(struct rec_header);
-	r->topic = memcpy(p, topic, tlen);
-	p += tlen;
-	r->key_len = m->key_len;
-	r->key = m->key ? memcpy(p, m->key, m->key_len) : NULL;
-	p += m->key_len;
-	r->value_len = m->len;
-	r->value = m->payload ? memcpy(p, m->payload, m->len) : NULL;
-	p += m->len;
-	r->n_headers = 0;
-	for (size_t i = 0; i < n_h; i++) {
-		const char *name;
-		const void *val;
-		size_t len;
-		if (rd_kafka_header_get_all(h, i, &name, &val, &len) != RD_KAFKA_RESP_ERR_NO_ERROR)
-			break;
-		struct rec_header *rh = &r->headers[r->n_headers++];
-		size_t nlen = strlen(name) + 1;
-		rh->name = memcpy(p, name, nlen);
-		p += nlen;
-		rh->len = val ? len : 0;
-		rh->value = val ? memcpy(p, val, len) : NULL;
-		p += rh->len;
+	r->data_len = data_len;
+	r->enc = codec_encode_subscribe_record(&f);
+	r->size = sizeof(*r) + tlen + GRPC_SLICE_LENGTH(r->enc);
+	if (keys != keys_stack) {
+		free(keys);
+		free(values);
+		free(lens);
 	}
 	return r;
 }
 
 void rec_release(struct rec *r)
 {
-	if (atomic_fetch_sub(&r->refs, 1) == 1)
+	if (atomic_fetch_sub(&r->refs, 1) == 1) {
+		grpc_slice_unref(r->enc);
 		free(r);
+	}
 }
 
 /* Fetches up to FETCH_MAX records from q, as recs (errors are logged and skipped): waits up

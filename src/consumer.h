@@ -22,31 +22,24 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <grpc/slice.h>
 #include <grpc/status.h>
 #include <librdkafka/rdkafka.h>
 
 #include "codec.h"
 #include "conf.h"
 
-struct rec_header {
-	const char *name;
-	const uint8_t *value;
-	size_t len;
-};
-
-/* One record read from Kafka, copied out of librdkafka once and shared by reference by
- * every subscriber it is fanned out to. */
+/* One record read from Kafka, encoded once as a subscriber receives it and shared by
+ * reference by every subscriber it is fanned out to: a response is the concatenation of
+ * its records' encodings, so a record is never encoded or copied per subscriber. */
 struct rec {
 	atomic_int refs;
 	const char *topic;
 	int32_t partition;
 	int64_t offset;
-	int64_t timestamp;
-	const uint8_t *key, *value; /* NULL when absent */
-	size_t key_len, value_len;
-	size_t n_headers;
-	struct rec_header *headers;
-	size_t size; /* bytes this record takes in memory, all included */
+	size_t data_len; /* bytes of key, value and headers (bounds a response's size) */
+	grpc_slice enc;  /* the Record as field 1 of a SubscribeResponse */
+	size_t size;     /* bytes this record takes in memory, all included */
 };
 
 /* Drops a reference; the record is freed with the last. Any thread. */

@@ -9,8 +9,8 @@
  * (which come before sc->lock), so this file never calls into the consumer while holding
  * sc->lock: consumer_unsubscribe and consumer_wake are called after unlocking.
  *
- * Ownership: each buffered struct rec holds one reference, released when the record is
- * encoded into a response or dropped with the subscription. */
+ * Ownership: each buffered struct rec holds one reference, released when the response
+ * carrying it was sent (or failed) or when it is dropped with the subscription. */
 #include "config.h"
 
 #include <inttypes.h>
@@ -75,6 +75,8 @@ struct sub_call {
 	grpc_status_code end_code;
 	char *end_msg;
 	grpc_byte_buffer *send_bb;
+	struct rec **sending; /* the records of the send in flight */
+	size_t n_sending;
 	grpc_slice details;
 	grpc_metadata md_out[1];  /* initial (kbridge-skipped) or trailing (kbridge-positions) */
 	char *md_text;
@@ -140,8 +142,9 @@ static void drop_buffer(struct sub_call *sc)
 /* Records that r was sent: the position moves past it. */
 static void advance(struct sub_call *sc, const struct rec *r)
 {
+	/* Readers deliver only the subscribed topics: with one, it is that one. */
 	for (size_t t = 0; t < sc->n_topics; t++)
-		if (strcmp(sc->topics[t].name, r->topic) == 0) {
+		if (sc->n_topics == 1 || strcmp(sc->topics[t].name, r->topic) == 0) {
 			if (r->partition >= 0 && r->partition < sc->topics[t].n_parts)
 				sc->topics[t].pos[r->partition] = r->offset + 1;
 			return;
@@ -179,70 +182,51 @@ static char *positions_text(const struct sub_call *sc)
 	return buf;
 }
 
-/* Encodes up to max_batch buffered records (and about RESPONSE_SOFT_BYTES) into one
- * response and releases them. */
+/* Takes up to max_batch buffered records (and about RESPONSE_SOFT_BYTES) into one
+ * response: the concatenation of their encodings, referenced, not copied. The records
+ * stay in sc->sending until the send completes: only then does the position move past
+ * them (a send that fails, because the client went away, sent nothing). */
 static grpc_byte_buffer *take_batch(struct sub_call *sc)
 {
 	size_t n = sc->count < sc->max_batch ? sc->count : sc->max_batch;
-	size_t n_hdrs = 0, bytes = 0, k;
+	size_t bytes = 0, k;
+	grpc_slice stack[64], *slices;
 
 	for (k = 0; k < n;) {
-		const struct rec *r = sc->ring[(sc->head + k) % sc->cap];
-		bytes += r->value_len + r->key_len;
-		n_hdrs += r->n_headers;
+		bytes += sc->ring[(sc->head + k) % sc->cap]->data_len;
 		k++;
 		if (bytes >= RESPONSE_SOFT_BYTES)
 			break;
 	}
 	n = k;
-	Kbridge__V1__Record *recs = xcalloc(n, sizeof(*recs));
-	Kbridge__V1__Record **rp = xcalloc(n, sizeof(*rp));
-	Kbridge__V1__Header *hs = n_hdrs ? xcalloc(n_hdrs, sizeof(*hs)) : NULL;
-	Kbridge__V1__Header **hp = n_hdrs ? xcalloc(n_hdrs, sizeof(*hp)) : NULL;
-	size_t hi = 0;
-	for (k = 0; k < n; k++) {
-		const struct rec *m = sc->ring[(sc->head + k) % sc->cap];
-		Kbridge__V1__Record *r = &recs[k];
-
-		kbridge__v1__record__init(r);
-		r->topic = (char *)m->topic;
-		r->key.data = (uint8_t *)m->key;
-		r->key.len = m->key_len;
-		r->value.data = (uint8_t *)m->value;
-		r->value.len = m->value_len;
-		r->placement_case = KBRIDGE__V1__RECORD__PLACEMENT_PARTITION;
-		r->partition = m->partition;
-		r->offset = m->offset;
-		r->timestamp_ms = m->timestamp;
-		r->headers = &hp[hi];
-		for (size_t j = 0; j < m->n_headers; j++) {
-			kbridge__v1__header__init(&hs[hi]);
-			hs[hi].key = (char *)m->headers[j].name;
-			hs[hi].value.data = (uint8_t *)m->headers[j].value;
-			hs[hi].value.len = m->headers[j].len;
-			hp[hi] = &hs[hi];
-			hi++;
-		}
-		r->n_headers = m->n_headers;
-		rp[k] = r;
-	}
-	Kbridge__V1__SubscribeResponse resp = KBRIDGE__V1__SUBSCRIBE_RESPONSE__INIT;
-	resp.n_records = n;
-	resp.records = rp;
-	grpc_byte_buffer *bb = codec_encode(&resp.base);
+	slices = n <= 64 ? stack : xcalloc(n, sizeof(*slices));
+	sc->sending = xcalloc(n, sizeof(*sc->sending));
 	for (k = 0; k < n; k++) {
 		struct rec *m = sc->ring[sc->head];
-		advance(sc, m);
+		slices[k] = m->enc;
+		sc->sending[k] = m;
 		sc->bytes -= m->size;
-		rec_release(m);
 		sc->head = (sc->head + 1) % sc->cap;
 		sc->count--;
 	}
-	free(hp);
-	free(hs);
-	free(rp);
-	free(recs);
+	sc->n_sending = n;
+	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, n);
+	if (slices != stack)
+		free(slices);
 	return bb;
+}
+
+/* The send of sc->sending completed: ok, the position moves past its records. */
+static void sent(struct sub_call *sc, bool ok)
+{
+	for (size_t k = 0; k < sc->n_sending; k++) {
+		if (ok)
+			advance(sc, sc->sending[k]);
+		rec_release(sc->sending[k]);
+	}
+	free(sc->sending);
+	sc->sending = NULL;
+	sc->n_sending = 0;
 }
 
 static void send_status(struct sub_call *sc)
@@ -666,10 +650,12 @@ static void send_done(struct tag *t, bool ok)
 
 	pthread_mutex_lock(&sc->lock);
 	sc->send_busy = false;
-	pthread_cond_broadcast(&sc->send_cond);
+	if (sc->group) /* a revoke may be waiting for this send */
+		pthread_cond_broadcast(&sc->send_cond);
 	if (sc->send_bb) {
 		grpc_byte_buffer_destroy(sc->send_bb);
 		sc->send_bb = NULL;
+		sent(sc, ok);
 		/* Records are committed only once handed to the client's stream: the
 		 * positions now, before the next batch moves them. */
 		if (ok && sc->group && !sc->commit)
