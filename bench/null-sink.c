@@ -5,6 +5,12 @@
  * PublishAck shaped like kbridged's (one RecordResult per record); Publish answers the
  * half-close with a PublishResponse counting the records. Nothing goes to Kafka.
  *
+ * It also serves Subscribe as the floor of fan-out (R4): every open Subscribe call gets
+ * every record published from then on, straight from the thread that decoded it, encoded
+ * once (codec_encode_subscribe_record, as kbridged does) and queued per subscriber with one
+ * SEND_MESSAGE outstanding, queued records going together in the next response, as in
+ * kbridged; there is no Kafka round trip in between. The request's topics are ignored.
+ *
  *   null-sink [-a ADDRESS] [-T THREADS]      (default unix:null-sink.sock, one per CPU)
  *
  * Logs "null-sink ready" on stderr once it serves; SIGTERM/SIGINT stop it.
@@ -33,9 +39,9 @@
 #include "codec.h"
 #include "util.h"
 
-enum method { M_PUBLISH, M_STREAM };
+enum method { M_PUBLISH, M_STREAM, M_SUBSCRIBE, N_METHODS };
 static const char *const method_paths[] = {
-	"/kbridge.v1.Bridge/Publish", "/kbridge.v1.Bridge/PublishStream"};
+	"/kbridge.v1.Bridge/Publish", "/kbridge.v1.Bridge/PublishStream", "/kbridge.v1.Bridge/Subscribe"};
 
 enum tag_kind { T_REQUEST, T_MD, T_RECV, T_SEND, T_CLOSE, T_SHUTDOWN };
 
@@ -60,11 +66,21 @@ struct call {
 	size_t n_pending, cap_pending, first_pending;
 	uint64_t next_seq;
 	uint64_t offset;
+	/* Subscribe: records waiting for the next send, and those of the send in flight */
+	grpc_slice *queue;
+	size_t n_queue, cap_queue;
+	grpc_byte_buffer *sending_bb;
+	bool listed;                  /* on the subscriber list */
+	struct call *sub_prev, *sub_next;
 };
 
 static grpc_server *server;
 static grpc_completion_queue *cq;
-static void *registered[2];
+static void *registered[N_METHODS];
+/* Subscribe calls getting records; taken before a call's lock. */
+static pthread_rwlock_t subs_lock = PTHREAD_RWLOCK_INITIALIZER;
+static struct call *subs;
+static atomic_uint_fast64_t fanout_offset;
 static atomic_bool shutting_down;
 static atomic_bool shutdown_done;
 static struct tag shutdown_tag = {T_SHUTDOWN, NULL};
@@ -103,6 +119,9 @@ static void call_free(struct call *c)
 	grpc_metadata_array_destroy(&c->md);
 	pthread_mutex_destroy(&c->lock);
 	free(c->pending);
+	for (size_t i = 0; i < c->n_queue; i++)
+		grpc_slice_unref(c->queue[i]);
+	free(c->queue);
 	free(c);
 }
 
@@ -160,6 +179,69 @@ static void stream_send_next(struct call *c)
 	grpc_byte_buffer_destroy(bb);
 }
 
+/* Subscribe: sends what is queued, if no send is in flight. Under c->lock. */
+static void sub_send_next(struct call *c)
+{
+	if (c->sending || c->n_queue == 0 || c->status_sent)
+		return;
+	c->sending_bb = grpc_raw_byte_buffer_create(c->queue, c->n_queue);
+	for (size_t i = 0; i < c->n_queue; i++)
+		grpc_slice_unref(c->queue[i]);
+	c->n_queue = 0;
+	grpc_op op = {.op = GRPC_OP_SEND_MESSAGE, .data.send_message.send_message = c->sending_bb};
+	c->sending = true;
+	start(c, &op, 1, &c->t_send);
+}
+
+/* Every record of req to every subscriber. */
+static void fan_out(const Kbridge__V1__PublishRequest *req)
+{
+	pthread_rwlock_rdlock(&subs_lock);
+	if (!subs) {
+		pthread_rwlock_unlock(&subs_lock);
+		return;
+	}
+	for (size_t i = 0; i < req->n_records; i++) {
+		const Kbridge__V1__Record *r = req->records[i];
+		struct record_fields f = {
+			.topic = r->topic,
+			.partition = r->placement_case == KBRIDGE__V1__RECORD__PLACEMENT_PARTITION ? r->partition : 0,
+			.offset = (int64_t)atomic_fetch_add(&fanout_offset, 1),
+			.timestamp_ms = r->timestamp_ms,
+			.key = r->key.data, .key_len = r->key.len,
+			.value = r->value.data, .value_len = r->value.len,
+		};
+		grpc_slice enc = codec_encode_subscribe_record(&f);
+		for (struct call *s = subs; s; s = s->sub_next) {
+			pthread_mutex_lock(&s->lock);
+			if (s->n_queue == s->cap_queue) {
+				s->cap_queue = s->cap_queue ? 2 * s->cap_queue : 16;
+				s->queue = xrealloc(s->queue, s->cap_queue * sizeof(*s->queue));
+			}
+			s->queue[s->n_queue++] = grpc_slice_ref(enc);
+			sub_send_next(s);
+			pthread_mutex_unlock(&s->lock);
+		}
+		grpc_slice_unref(enc);
+	}
+	pthread_rwlock_unlock(&subs_lock);
+}
+
+static void sub_unlist(struct call *c)
+{
+	pthread_rwlock_wrlock(&subs_lock);
+	if (c->listed) {
+		if (c->sub_prev)
+			c->sub_prev->sub_next = c->sub_next;
+		else
+			subs = c->sub_next;
+		if (c->sub_next)
+			c->sub_next->sub_prev = c->sub_prev;
+		c->listed = false;
+	}
+	pthread_rwlock_unlock(&subs_lock);
+}
+
 static void on_message(struct call *c)
 {
 	Kbridge__V1__PublishRequest *req = (Kbridge__V1__PublishRequest *)codec_decode(
@@ -177,6 +259,7 @@ static void on_message(struct call *c)
 		return;
 	}
 	uint32_t n = (uint32_t)req->n_records;
+	fan_out(req);
 	protobuf_c_message_free_unpacked(&req->base, NULL);
 	recv_next(c);
 	if (c->method == M_PUBLISH) {
@@ -219,6 +302,24 @@ static void on_new_call(struct call *c, bool ok)
 	grpc_op close = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER,
 			 .data.recv_close_on_server.cancelled = &c->cancelled};
 	start(c, &close, 1, &c->t_close);
+	if (c->method == M_SUBSCRIBE) {
+		/* Records from now on; the request itself is received and ignored. */
+		pthread_mutex_unlock(&c->lock);
+		pthread_rwlock_wrlock(&subs_lock);
+		c->listed = true;
+		c->sub_next = subs;
+		if (subs)
+			subs->sub_prev = c;
+		subs = c;
+		pthread_rwlock_unlock(&subs_lock);
+		pthread_mutex_lock(&c->lock);
+		grpc_op md = {.op = GRPC_OP_SEND_INITIAL_METADATA};
+		c->sending = true;
+		start(c, &md, 1, &c->t_md);
+		recv_next(c);
+		pthread_mutex_unlock(&c->lock);
+		return;
+	}
 	if (c->method == M_STREAM) {
 		/* alone: a batch of initial metadata plus a hinted message may never complete */
 		grpc_op md = {.op = GRPC_OP_SEND_INITIAL_METADATA};
@@ -241,7 +342,29 @@ static void on_event(struct tag *t, bool ok)
 		on_new_call(c, ok);
 		return;
 	}
+	if (t->kind == T_CLOSE && c->method == M_SUBSCRIBE)
+		sub_unlist(c); /* before c->lock: the list's lock comes first */
 	pthread_mutex_lock(&c->lock);
+	if (c->method == M_SUBSCRIBE) {
+		c->batches--;
+		if (t->kind == T_RECV && c->recv_bb) {
+			grpc_byte_buffer_destroy(c->recv_bb);
+			c->recv_bb = NULL;
+		} else if (t->kind == T_MD || t->kind == T_SEND) {
+			c->sending = false;
+			if (c->sending_bb) {
+				grpc_byte_buffer_destroy(c->sending_bb);
+				c->sending_bb = NULL;
+			}
+			if (ok)
+				sub_send_next(c);
+		}
+		bool done = c->batches == 0;
+		pthread_mutex_unlock(&c->lock);
+		if (done)
+			call_free(c);
+		return;
+	}
 	c->batches--;
 	switch (t->kind) {
 	case T_MD:
@@ -312,7 +435,7 @@ int main(int argc, char **argv)
 	server = grpc_server_create(&cargs, NULL);
 	cq = grpc_completion_queue_create_for_next(NULL);
 	grpc_server_register_completion_queue(server, cq, NULL);
-	for (int m = 0; m < 2; m++)
+	for (int m = 0; m < N_METHODS; m++)
 		registered[m] = grpc_server_register_method(server, method_paths[m], NULL,
 							    GRPC_SRM_PAYLOAD_NONE, 0);
 	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
@@ -323,7 +446,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	grpc_server_start(server);
-	for (int m = 0; m < 2; m++)
+	for (int m = 0; m < N_METHODS; m++)
 		request_call(m);
 	pthread_t *tids = xcalloc((size_t)threads, sizeof(*tids));
 	for (long i = 0; i < threads; i++)
