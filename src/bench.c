@@ -272,32 +272,11 @@ static void print_status_error(const char *what, const struct status *st)
  * generator must cost far less than what it measures; bench_check_encoding proves the
  * result against protobuf-c once per run. */
 
-static size_t varint_len(uint64_t v)
-{
-	size_t n = 1;
-
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static uint8_t *varint_put(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
 static size_t record_body_len(const struct opts *o)
 {
 	size_t tlen = strlen(o->topic);
 
-	return 1 + varint_len(tlen) + tlen + 1 + varint_len(o->size) + o->size;
+	return 1 + codec_varint_size(tlen) + tlen + 1 + codec_varint_size(o->size) + o->size;
 }
 
 static void stamp_put(uint8_t *p, uint32_t run_id, uint64_t seq, int64_t ns)
@@ -315,19 +294,19 @@ static grpc_byte_buffer *encode_request(struct bench *b, uint64_t r, uint32_t n,
 {
 	const struct opts *o = b->o;
 	size_t tlen = strlen(o->topic), body = record_body_len(o);
-	size_t rec = 1 + varint_len(body) + body;
+	size_t rec = 1 + codec_varint_size(body) + body;
 	grpc_slice s = grpc_slice_malloc(rec * n);
 	uint8_t *p = GRPC_SLICE_START_PTR(s);
 
 	for (uint32_t i = 0; i < n; i++) {
 		*p++ = 0x0a; /* PublishRequest.records, length-delimited */
-		p = varint_put(p, body);
+		p = codec_put_varint(p, body);
 		*p++ = 0x0a; /* Record.topic */
-		p = varint_put(p, tlen);
+		p = codec_put_varint(p, tlen);
 		memcpy(p, o->topic, tlen);
 		p += tlen;
 		*p++ = 0x1a; /* Record.value */
-		p = varint_put(p, o->size);
+		p = codec_put_varint(p, o->size);
 		memcpy(p, b->filler, o->size);
 		if (o->size >= STAMP_BYTES)
 			stamp_put(p, b->run_id, r * o->batch + i, start_ns);

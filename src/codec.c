@@ -143,36 +143,16 @@ size_t codec_length(grpc_byte_buffer *bb)
 
 enum { WT_VARINT = 0, WT_FIXED64 = 1, WT_LEN = 2, WT_FIXED32 = 5 };
 
-static size_t varint_size(uint64_t v)
-{
-	size_t n = 1;
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static uint8_t *put_varint(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
 /* A length-delimited field: tag, length, bytes. */
 static size_t len_field_size(size_t len)
 {
-	return 1 + varint_size(len) + len;
+	return 1 + codec_varint_size(len) + len;
 }
 
 static uint8_t *put_len_field(uint8_t *p, unsigned field, const void *data, size_t len)
 {
 	*p++ = (uint8_t)(field << 3 | WT_LEN);
-	p = put_varint(p, len);
+	p = codec_put_varint(p, len);
 	if (len)
 		memcpy(p, data, len);
 	return p + len;
@@ -181,7 +161,7 @@ static uint8_t *put_len_field(uint8_t *p, unsigned field, const void *data, size
 static uint8_t *put_varint_field(uint8_t *p, unsigned field, uint64_t v)
 {
 	*p++ = (uint8_t)(field << 3 | WT_VARINT);
-	return put_varint(p, v);
+	return codec_put_varint(p, v);
 }
 
 /* Encoded, an int32 is sign-extended to 64 bits (10 bytes when negative). */
@@ -475,7 +455,7 @@ Kbridge__V1__PublishRequest *codec_decode_publish_request(grpc_byte_buffer *bb,
 grpc_byte_buffer *codec_encode_publish_ack(uint64_t sequence, const struct record_result *results,
 					   size_t n)
 {
-	size_t len = sequence ? 1 + varint_size(sequence) : 0;
+	size_t len = sequence ? 1 + codec_varint_size(sequence) : 0;
 	size_t stack_inner[128]; /* the size of each RecordResult */
 	size_t *inner = n <= 128 ? stack_inner : xcalloc(n, sizeof(size_t));
 
@@ -483,11 +463,11 @@ grpc_byte_buffer *codec_encode_publish_ack(uint64_t sequence, const struct recor
 		const struct record_result *r = &results[i];
 		size_t m = 0;
 		if (r->partition)
-			m += 1 + varint_size(int32_wire(r->partition));
+			m += 1 + codec_varint_size(int32_wire(r->partition));
 		if (r->offset)
-			m += 1 + varint_size((uint64_t)r->offset);
+			m += 1 + codec_varint_size((uint64_t)r->offset);
 		if (r->code)
-			m += 1 + varint_size(int32_wire(r->code));
+			m += 1 + codec_varint_size(int32_wire(r->code));
 		if (r->error && r->error[0])
 			m += len_field_size(strlen(r->error));
 		inner[i] = m;
@@ -500,7 +480,7 @@ grpc_byte_buffer *codec_encode_publish_ack(uint64_t sequence, const struct recor
 	for (size_t i = 0; i < n; i++) {
 		const struct record_result *r = &results[i];
 		*p++ = 2 << 3 | WT_LEN;
-		p = put_varint(p, inner[i]);
+		p = codec_put_varint(p, inner[i]);
 		if (r->partition)
 			p = put_varint_field(p, 1, int32_wire(r->partition));
 		if (r->offset)
@@ -517,6 +497,18 @@ grpc_byte_buffer *codec_encode_publish_ack(uint64_t sequence, const struct recor
 	return bb;
 }
 
+/* The encoded size of header i of f (without its own tag and length); *klen: its key's. */
+static size_t header_size(const struct record_fields *f, size_t i, size_t *klen)
+{
+	size_t h = 0;
+	*klen = f->header_keys[i] ? strlen(f->header_keys[i]) : 0;
+	if (*klen)
+		h += len_field_size(*klen);
+	if (f->header_lens[i])
+		h += len_field_size(f->header_lens[i]);
+	return h;
+}
+
 grpc_slice codec_encode_subscribe_record(const struct record_fields *f)
 {
 	size_t tlen = f->topic ? strlen(f->topic) : 0, m = 0;
@@ -528,23 +520,19 @@ grpc_slice codec_encode_subscribe_record(const struct record_fields *f)
 	if (f->value_len)
 		m += len_field_size(f->value_len);
 	for (size_t i = 0; i < f->n_headers; i++) {
-		size_t klen = f->header_keys[i] ? strlen(f->header_keys[i]) : 0, h = 0;
-		if (klen)
-			h += len_field_size(klen);
-		if (f->header_lens[i])
-			h += len_field_size(f->header_lens[i]);
-		m += len_field_size(h);
+		size_t klen;
+		m += len_field_size(header_size(f, i, &klen));
 	}
-	m += 1 + varint_size(int32_wire(f->partition)); /* a oneof member: always there */
+	m += 1 + codec_varint_size(int32_wire(f->partition)); /* a oneof member: always there */
 	if (f->timestamp_ms)
-		m += 1 + varint_size((uint64_t)f->timestamp_ms);
+		m += 1 + codec_varint_size((uint64_t)f->timestamp_ms);
 	if (f->offset)
-		m += 1 + varint_size((uint64_t)f->offset);
+		m += 1 + codec_varint_size((uint64_t)f->offset);
 
 	grpc_slice slice = grpc_slice_malloc(len_field_size(m));
 	uint8_t *p = GRPC_SLICE_START_PTR(slice);
 	*p++ = 1 << 3 | WT_LEN;
-	p = put_varint(p, m);
+	p = codec_put_varint(p, m);
 	if (tlen)
 		p = put_len_field(p, 1, f->topic, tlen);
 	if (f->key_len)
@@ -552,13 +540,9 @@ grpc_slice codec_encode_subscribe_record(const struct record_fields *f)
 	if (f->value_len)
 		p = put_len_field(p, 3, f->value, f->value_len);
 	for (size_t i = 0; i < f->n_headers; i++) {
-		size_t klen = f->header_keys[i] ? strlen(f->header_keys[i]) : 0, h = 0;
-		if (klen)
-			h += len_field_size(klen);
-		if (f->header_lens[i])
-			h += len_field_size(f->header_lens[i]);
+		size_t klen, h = header_size(f, i, &klen);
 		*p++ = 4 << 3 | WT_LEN;
-		p = put_varint(p, h);
+		p = codec_put_varint(p, h);
 		if (klen)
 			p = put_len_field(p, 1, f->header_keys[i], klen);
 		if (f->header_lens[i])

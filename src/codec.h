@@ -2,6 +2,9 @@
 #ifndef KB_CODEC_H
 #define KB_CODEC_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 #include <grpc/grpc.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -68,6 +71,27 @@ struct record_fields {
  * response is the concatenation of such slices (grpc_raw_byte_buffer_create on them, no
  * copy). The caller owns the slice (grpc_slice_unref). */
 grpc_slice codec_encode_subscribe_record(const struct record_fields *f);
+
+/* Protobuf varints: the bytes v takes, and writing it (returns the byte after). */
+static inline size_t codec_varint_size(uint64_t v)
+{
+	size_t n = 1;
+	while (v >= 0x80) {
+		v >>= 7;
+		n++;
+	}
+	return n;
+}
+
+static inline uint8_t *codec_put_varint(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
 
 /* Bytes in bb (0 for NULL). */
 size_t codec_length(grpc_byte_buffer *bb);
