@@ -73,14 +73,6 @@ static void __attribute__((noreturn)) usage(int status)
 	exit(status);
 }
 
-static void sleep_until(int64_t ns)
-{
-	struct timespec ts = {ns / 1000000000, ns % 1000000000};
-
-	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
-		;
-}
-
 static void set(rd_kafka_conf_t *kc, const char *name, const char *value)
 {
 	char err[512];
@@ -176,7 +168,7 @@ int main(int argc, char **argv)
 			/* latency from the scheduled time, as kbridge bench does */
 			int64_t due = t0 + (int64_t)((double)i * 1e9 / rate);
 			if (due > start)
-				sleep_until(due);
+				hist_sleep_until(due);
 			start = due;
 		}
 		for (;;) {
@@ -191,11 +183,11 @@ int main(int argc, char **argv)
 				return 1;
 			}
 			/* The poll thread is serving reports; wait for room. */
-			sleep_until(hist_now_ns() + 200000);
+			hist_sleep_until(hist_now_ns() + 200000);
 		}
 	}
 	while (atomic_load(&r.delivered) < records)
-		sleep_until(hist_now_ns() + 1000000);
+		hist_sleep_until(hist_now_ns() + 1000000);
 	atomic_store(&r.stop, true);
 	pthread_join(poller, NULL);
 

@@ -34,5 +34,7 @@ void hist_print_text(FILE *f, const struct hist *h);
 
 /* Nanoseconds on CLOCK_MONOTONIC: the same clock in every process of the machine. */
 int64_t hist_now_ns(void);
+/* Sleeps until hist_now_ns() reaches ns (to the clock's precision, not whole ms). */
+void hist_sleep_until(int64_t ns);
 
 #endif
