@@ -65,17 +65,28 @@ static void arena_free(void *data, void *p)
 	(void)p;
 }
 
+/* The arena and its first chunk are one allocation: the first chunk follows the arena,
+ * rounded up to max_align_t. */
+#define FIRST_CHUNK_OFFSET \
+	((sizeof(struct arena) + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t))
+
 ProtobufCAllocator *codec_arena_new(size_t hint)
 {
-	struct arena *ar = xmalloc(sizeof(*ar));
-	ar->a.alloc = arena_alloc;
-	ar->a.free = arena_free;
-	ar->a.allocator_data = ar;
 	/* Decoded, a message takes its encoded size (bytes and strings are copied) plus its
 	 * structs: a little more for large records (one chunk), up to about 2.5 times for
 	 * small ones (a chunk or two more). The encoded size is what the in-flight byte
 	 * limits count, so the first chunk is not made larger than that needs. */
-	ar->chunks = chunk_new(hint + 1024, NULL);
+	size_t size = hint + 1024;
+	struct arena *ar = xmalloc(FIRST_CHUNK_OFFSET + sizeof(struct chunk) + size);
+	struct chunk *c = (struct chunk *)((char *)ar + FIRST_CHUNK_OFFSET);
+
+	ar->a.alloc = arena_alloc;
+	ar->a.free = arena_free;
+	ar->a.allocator_data = ar;
+	c->next = NULL;
+	c->size = size;
+	c->used = 0;
+	ar->chunks = c;
 	return &ar->a;
 }
 
@@ -84,7 +95,7 @@ void codec_arena_destroy(ProtobufCAllocator *arena)
 	if (!arena)
 		return;
 	struct arena *ar = (struct arena *)arena;
-	for (struct chunk *c = ar->chunks, *next; c; c = next) {
+	for (struct chunk *c = ar->chunks, *next; c && c->next; c = next) { /* all but the first */
 		next = c->next;
 		free(c);
 	}

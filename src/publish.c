@@ -77,7 +77,7 @@ struct pub_req {
 	size_t handed;             /* records handed to Kafka when it was parked */
 	ProtobufCAllocator *arena; /* holds msg */
 	struct pub_req *next;      /* the in-order list (Publish) or the ack queue (others) */
-	struct record_result *results; /* one per record in the ack modes, else NULL; errors are
+	struct record_result *results; /* ack modes: one per record, after slot[]; else NULL; errors are
 					 * ours (freed with the request) */
 	struct pub_req *slot[]; /* one per record, each pointing back here: the opaques */
 };
@@ -196,7 +196,6 @@ static void req_free(struct pub_req *req)
 	if (req->results)
 		for (size_t i = 0; i < req->n_records; i++)
 			free((char *)req->results[i].error);
-	free(req->results);
 	free(req);
 }
 
@@ -632,7 +631,9 @@ static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, 
 	}
 
 	size_t n = msg->n_records;
-	struct pub_req *req = xcalloc(1, sizeof(*req) + n * sizeof(req->slot[0]));
+	/* The request, its opaques and (ack modes) its results: one allocation. */
+	struct pub_req *req = xcalloc(1, sizeof(*req) + n * sizeof(req->slot[0]) +
+					     (acks ? n * sizeof(*req->results) : 0));
 	req->pc = pc;
 	req->arena = arena;
 	req->msg = msg;
@@ -640,7 +641,7 @@ static struct pub_req *start_request(struct pub_call *pc, grpc_byte_buffer *bb, 
 	req->n_records = n;
 	req->pending = n;
 	req->bytes = bytes;
-	req->results = acks ? xcalloc(n, sizeof(*req->results)) : NULL;
+	req->results = acks ? (struct record_result *)&req->slot[n] : NULL;
 	for (size_t i = 0; i < n; i++) {
 		req->slot[i] = req;
 		grpc_status_code code = check_record(msg->records[i], index, i, &last_topic, &last_parts,
