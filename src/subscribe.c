@@ -75,8 +75,8 @@ struct sub_call {
 	grpc_status_code end_code;
 	char *end_msg;
 	grpc_byte_buffer *send_bb;
-	struct rec **sending; /* the records of the send in flight */
-	size_t n_sending;
+	struct rec **sending; /* the records of the send in flight (cap_sending allocated) */
+	size_t n_sending, cap_sending;
 	grpc_slice details;
 	grpc_metadata md_out[1];  /* initial (kbridge-skipped) or trailing (kbridge-positions) */
 	char *md_text;
@@ -200,7 +200,10 @@ static grpc_byte_buffer *take_batch(struct sub_call *sc)
 	}
 	n = k;
 	slices = n <= 64 ? stack : xcalloc(n, sizeof(*slices));
-	sc->sending = xcalloc(n, sizeof(*sc->sending));
+	if (n > sc->cap_sending) {
+		sc->cap_sending = n;
+		sc->sending = xrealloc(sc->sending, n * sizeof(*sc->sending));
+	}
 	for (k = 0; k < n; k++) {
 		struct rec *m = sc->ring[sc->head];
 		slices[k] = m->enc;
@@ -224,8 +227,6 @@ static void sent(struct sub_call *sc, bool ok)
 			advance(sc, sc->sending[k]);
 		rec_release(sc->sending[k]);
 	}
-	free(sc->sending);
-	sc->sending = NULL;
 	sc->n_sending = 0;
 }
 
@@ -321,6 +322,7 @@ static void destroy(struct sub_call *sc)
 	log_debug("subscribe %p: freed", (void *)sc);
 	drop_buffer(sc);
 	free(sc->ring);
+	free(sc->sending);
 	for (size_t t = 0; t < sc->n_topics; t++) {
 		free(sc->topics[t].name);
 		free(sc->topics[t].pos);
