@@ -70,7 +70,10 @@ static void arena_free(void *data, void *p)
 #define FIRST_CHUNK_OFFSET \
 	((sizeof(struct arena) + sizeof(max_align_t) - 1) / sizeof(max_align_t) * sizeof(max_align_t))
 
-ProtobufCAllocator *codec_arena_new(size_t hint)
+/* An arena for decoding one message: allocations are carved out of a few large chunks
+ * and frees do nothing; codec_arena_destroy frees everything at once. hint: the encoded
+ * size of what it will hold. One thread at a time. */
+static ProtobufCAllocator *codec_arena_new(size_t hint)
 {
 	/* Decoded, a message takes its encoded size (bytes and strings are copied) plus its
 	 * structs: a little more for large records (one chunk), up to about 2.5 times for
@@ -115,29 +118,23 @@ static ProtobufCAllocator *arena_reset(ProtobufCAllocator *old, size_t len, uint
 
 ProtobufCMessage *codec_decode(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb)
 {
-	return codec_decode_with(desc, bb, NULL);
-}
-
-ProtobufCMessage *codec_decode_with(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb,
-				    ProtobufCAllocator *allocator)
-{
 	grpc_byte_buffer_reader reader;
 	grpc_slice slice;
 	ProtobufCMessage *msg;
 
 	if (!bb)
-		return protobuf_c_message_unpack(desc, allocator, 0, (const uint8_t *)"");
+		return protobuf_c_message_unpack(desc, NULL, 0, (const uint8_t *)"");
 	if (!grpc_byte_buffer_reader_init(&reader, bb))
 		return NULL;
 	/* Unpack in place when the message sits in one slice; protobuf-c copies what it keeps. */
 	if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
 	    bb->data.raw.slice_buffer.count == 1) {
 		slice = bb->data.raw.slice_buffer.slices[0];
-		msg = protobuf_c_message_unpack(desc, allocator, GRPC_SLICE_LENGTH(slice),
+		msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
 						GRPC_SLICE_START_PTR(slice));
 	} else {
 		slice = grpc_byte_buffer_reader_readall(&reader);
-		msg = protobuf_c_message_unpack(desc, allocator, GRPC_SLICE_LENGTH(slice),
+		msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
 						GRPC_SLICE_START_PTR(slice));
 		grpc_slice_unref(slice);
 	}

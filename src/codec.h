@@ -18,15 +18,8 @@ grpc_byte_buffer *codec_encode(const ProtobufCMessage *msg);
  * caller's. A NULL bb decodes as the empty message. */
 ProtobufCMessage *codec_decode(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb);
 
-/* An arena for decoding one message: protobuf-c's allocations are carved out of a few
- * large chunks and its frees do nothing; codec_arena_destroy frees everything at once
- * (instead of protobuf_c_message_free_unpacked). hint: the encoded size of what it will
- * hold. One thread at a time. */
-ProtobufCAllocator *codec_arena_new(size_t hint);
+/* Frees an arena of codec_decode_publish_request (below) and all it holds; NULL is fine. */
 void codec_arena_destroy(ProtobufCAllocator *arena);
-/* codec_decode with an allocator (an arena), NULL for malloc. */
-ProtobufCMessage *codec_decode_with(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb,
-				    ProtobufCAllocator *allocator);
 
 /* --- hand-written wire code for the messages on the hot paths ---
  * protobuf-c's generic reflection-driven (un)packing costs about 1,000 instructions per
