@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +42,24 @@ static void usage(FILE *f)
 		"  -h, --help         this help\n"
 		"  -V, --version      print the version and exit\n\n"
 		"See kbridged(8) and kbridged.conf(5).\n");
+}
+
+/* glibc gives a thread that finds the arenas busy a new one, up to 8 per CPU, and each
+ * arena keeps its own freed memory: kbridged's ~20 threads (gRPC's, librdkafka's) used 16
+ * arenas on 2 CPUs, and RSS crept up for millions of records before levelling off (27.3 ->
+ * 30.7 MiB from 1M to 10M records). One arena per completion-queue thread, the threads that
+ * allocate per request, keeps it flat (25-26 MiB from 1M to 10M) for about 4% more CPU at
+ * batch 100 and none measurable at one record per request; two per thread cost nothing
+ * measurable but still crept (7-12%). MALLOC_ARENA_MAX or glibc.malloc.arena_max in the
+ * environment wins. */
+static void limit_malloc_arenas(const struct conf *c)
+{
+	const char *tunables = getenv("GLIBC_TUNABLES");
+
+	if (getenv("MALLOC_ARENA_MAX") || (tunables && strstr(tunables, "glibc.malloc.arena_max")))
+		return;
+	int n = server_thread_count(c);
+	mallopt(M_ARENA_MAX, n < 2 ? 2 : n);
 }
 
 /* Takes a signal within timeout_ms: the signal number, or 0 on timeout. */
@@ -162,6 +181,7 @@ int main(int argc, char **argv)
 	sigaddset(&sigs, SIGHUP);
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	limit_malloc_arenas(&c);
 
 	grpc_init();
 	const char *brokers = c.kafka_brokers;

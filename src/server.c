@@ -213,9 +213,7 @@ int server_init(const struct conf *c)
 	};
 	grpc_channel_args chargs = {.num_args = ARRAY_SIZE(args), .args = args};
 
-	n_threads = c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
-	if (n_threads < 1)
-		n_threads = 1;
+	n_threads = server_thread_count(c);
 	requests_per_method = n_threads < 2 ? 2 : n_threads;
 	cq = grpc_completion_queue_create_for_next(NULL);
 	server = grpc_server_create(&chargs, NULL);
@@ -274,6 +272,12 @@ void server_start(void)
 		}
 	}
 	log_info("serving with %d completion-queue threads", n_threads);
+}
+
+int server_thread_count(const struct conf *c)
+{
+	int n = c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+	return n < 1 ? 1 : n;
 }
 
 bool server_threads_alive(int64_t max_ms)

@@ -33,6 +33,8 @@ struct incoming {
 /* Creates the server and binds every listen address. Returns 0, or -1 after logging
  * which address could not be bound. */
 int server_init(const struct conf *c);
+/* How many completion-queue threads c asks for (threads = 0: one per CPU). */
+int server_thread_count(const struct conf *c);
 /* Starts serving: threads, one outstanding request per method. */
 void server_start(void);
 /* The completion queue every call's batches must use. */
