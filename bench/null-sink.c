@@ -1,8 +1,9 @@
 /* null-sink: what the gRPC hop alone costs. A minimal server on the same gRPC core as
  * kbridged, with the same threading (one completion queue, one thread per CPU), that
  * registers /kbridge.v1.Bridge/Publish and PublishStream, decodes every PublishRequest
- * with protobuf-c and throws it away. PublishStream acks each request at once with a
- * PublishAck shaped like kbridged's (one RecordResult per record); Publish answers the
+ * with kbridged's decoder and throws it away. PublishStream acks each request at once with
+ * a PublishAck shaped like kbridged's and encoded by the same code (one RecordResult per
+ * record); Publish answers the
  * half-close with a PublishResponse counting the records. Nothing goes to Kafka.
  *
  * It also serves Subscribe as the floor of fan-out (R4): every open Subscribe call gets
@@ -157,19 +158,10 @@ static void stream_send_next(struct call *c)
 		return;
 	}
 	uint32_t n = c->pending[c->first_pending++];
-	Kbridge__V1__RecordResult *res = xcalloc(n ? n : 1, sizeof(*res));
-	Kbridge__V1__RecordResult **resp = xcalloc(n ? n : 1, sizeof(*resp));
-	Kbridge__V1__PublishAck ack = KBRIDGE__V1__PUBLISH_ACK__INIT;
-	for (uint32_t i = 0; i < n; i++) {
-		kbridge__v1__record_result__init(&res[i]);
-		res[i].offset = (int64_t)c->offset++;
-		resp[i] = &res[i];
-	}
-	ack.sequence = c->next_seq++;
-	ack.n_results = n;
-	ack.results = resp;
-	grpc_byte_buffer *bb = codec_encode(&ack.base);
-	free(resp);
+	struct record_result *res = xcalloc(n ? n : 1, sizeof(*res));
+	for (uint32_t i = 0; i < n; i++)
+		res[i] = (struct record_result){.offset = (int64_t)c->offset++};
+	grpc_byte_buffer *bb = codec_encode_publish_ack(c->next_seq++, res, n);
 	free(res);
 	bool more = c->first_pending < c->n_pending;
 	grpc_op op = {.op = GRPC_OP_SEND_MESSAGE, .flags = more ? GRPC_WRITE_BUFFER_HINT : 0,
@@ -244,8 +236,8 @@ static void sub_unlist(struct call *c)
 
 static void on_message(struct call *c)
 {
-	Kbridge__V1__PublishRequest *req = (Kbridge__V1__PublishRequest *)codec_decode(
-		&kbridge__v1__publish_request__descriptor, c->recv_bb);
+	ProtobufCAllocator *arena;
+	Kbridge__V1__PublishRequest *req = codec_decode_publish_request(c->recv_bb, &arena);
 
 	grpc_byte_buffer_destroy(c->recv_bb);
 	c->recv_bb = NULL;
@@ -260,7 +252,7 @@ static void on_message(struct call *c)
 	}
 	uint32_t n = (uint32_t)req->n_records;
 	fan_out(req);
-	protobuf_c_message_free_unpacked(&req->base, NULL);
+	codec_arena_destroy(arena);
 	recv_next(c);
 	if (c->method == M_PUBLISH) {
 		c->records += n;
