@@ -1,8 +1,13 @@
 /* producer: one idempotent librdkafka producer for the whole daemon.
  *
- * Threads and locks: no locks of our own. librdkafka is thread-safe; producer_send runs on
- * completion-queue threads, the poll thread serves delivery reports (and so does a
- * producer_send waiting out a full queue), and the main thread inits, flushes and destroys. */
+ * Threads and locks: rk_lock guards the rk pointer (swapped after a fatal error).
+ * librdkafka is thread-safe; producer_send runs on completion-queue threads, the poll
+ * thread serves delivery reports and errors, and the main thread inits, flushes and
+ * destroys.
+ *
+ * Delivery reports come as events (rd_kafka_queue_poll), not per-message callbacks: an
+ * event holds the reports of a whole ProduceResponse, and handing them over as an array
+ * lets publish take a call's lock once per run of its records instead of once per record. */
 #include "config.h"
 
 #include <errno.h>
@@ -19,6 +24,7 @@
 #include "util.h"
 
 static rd_kafka_t *rk;
+static rd_kafka_queue_t *rk_queue; /* rk's main queue: delivery reports and errors */
 static pthread_rwlock_t rk_lock = PTHREAD_RWLOCK_INITIALIZER;
 static rd_kafka_conf_t *template; /* what every producer is built from */
 static rd_kafka_t *retired[8];    /* fatal producers still owing delivery reports */
@@ -30,25 +36,63 @@ static producer_delivery_fn *deliver;
 static producer_room_fn *room;
 static atomic_bool room_wanted;
 
-static void dr_msg_cb(rd_kafka_t *k, const rd_kafka_message_t *msg, void *opaque)
-{
-	deliver(msg);
-}
-
-static void error_cb(rd_kafka_t *k, int err, const char *reason, void *opaque)
+static void on_error(rd_kafka_t *k, rd_kafka_event_t *ev)
 {
 	/* Transport errors are retried by librdkafka; the records' fate comes in their
-	 * delivery reports. Fatal errors end the idempotent producer's guarantees. */
-	if (err == RD_KAFKA_RESP_ERR__FATAL) {
-		char buf[512];
-		rd_kafka_resp_err_t orig = rd_kafka_fatal_error(k, buf, sizeof(buf));
+	 * delivery reports. Fatal errors end the idempotent producer's guarantees (the
+	 * event carries the underlying error, not ERR__FATAL). */
+	if (rd_kafka_event_error_is_fatal(ev)) {
 		log_error("kafka producer: fatal error %s: %s; its records in flight fail with "
-			  "UNAVAILABLE and a new producer takes over", rd_kafka_err2name(orig), buf);
+			  "UNAVAILABLE and a new producer takes over",
+			  rd_kafka_err2name(rd_kafka_event_error(ev)), rd_kafka_event_error_string(ev));
 		if (k == rk)
 			atomic_store(&fatal_seen, true);
 	} else {
-		log_warn("kafka producer: %s: %s", rd_kafka_err2name(err), reason);
+		log_warn("kafka producer: %s: %s", rd_kafka_err2name(rd_kafka_event_error(ev)),
+			 rd_kafka_event_error_string(ev));
 	}
+}
+
+/* Serves k's events from q: waits up to timeout_ms for the first, then takes what is
+ * there without waiting. Returns how many events were served. */
+static int serve(rd_kafka_t *k, rd_kafka_queue_t *q, int timeout_ms)
+{
+	const rd_kafka_message_t *msgs[256];
+	rd_kafka_event_t *ev;
+	int served = 0;
+
+	while ((ev = rd_kafka_queue_poll(q, timeout_ms))) {
+		timeout_ms = 0;
+		served++;
+		switch (rd_kafka_event_type(ev)) {
+		case RD_KAFKA_EVENT_DR: {
+			size_t n;
+			while ((n = rd_kafka_event_message_array(ev, msgs, ARRAY_SIZE(msgs))) > 0)
+				deliver(msgs, n);
+			break;
+		}
+		case RD_KAFKA_EVENT_ERROR:
+			on_error(k, ev);
+			break;
+		default:
+			break;
+		}
+		rd_kafka_event_destroy(ev);
+	}
+	return served;
+}
+
+/* Serves a producer that the poll thread no longer serves until its queue is empty or
+ * timeout_ms passed. */
+static void serve_until_empty(rd_kafka_t *k, int timeout_ms)
+{
+	rd_kafka_queue_t *q = rd_kafka_queue_get_main(k);
+	int64_t end = now_ms() + timeout_ms;
+
+	while (rd_kafka_outq_len(k) > 0 && now_ms() < end)
+		serve(k, q, 10);
+	serve(k, q, 0);
+	rd_kafka_queue_destroy(q);
 }
 
 /* Builds a producer from the template. Returns NULL with errmsg on failure. */
@@ -78,7 +122,9 @@ static void rebuild(void)
 	}
 	pthread_rwlock_wrlock(&rk_lock);
 	retired[n_retired++] = rk;
+	rd_kafka_queue_destroy(rk_queue);
 	rk = fresh;
+	rk_queue = rd_kafka_queue_get_main(rk);
 	pthread_rwlock_unlock(&rk_lock);
 	log_notice("kafka producer: a new producer replaced the one that hit a fatal error");
 }
@@ -87,7 +133,9 @@ static void rebuild(void)
 static void poll_retired(void)
 {
 	for (int i = 0; i < n_retired;) {
-		rd_kafka_poll(retired[i], 0);
+		rd_kafka_queue_t *q = rd_kafka_queue_get_main(retired[i]);
+		serve(retired[i], q, 0);
+		rd_kafka_queue_destroy(q);
 		if (rd_kafka_outq_len(retired[i]) > 0) {
 			i++;
 			continue;
@@ -100,7 +148,7 @@ static void poll_retired(void)
 static void *poll_main(void *arg)
 {
 	while (!atomic_load(&poll_stop)) {
-		rd_kafka_poll(rk, 100); /* only this thread changes rk */
+		serve(rk, rk_queue, 100); /* only this thread changes rk */
 		if (atomic_exchange(&fatal_seen, false))
 			rebuild();
 		if (n_retired)
@@ -155,8 +203,7 @@ int producer_init(const struct conf *c, const char *brokers, producer_delivery_f
 		rd_kafka_conf_destroy(kc);
 		return -1;
 	}
-	rd_kafka_conf_set_dr_msg_cb(kc, dr_msg_cb);
-	rd_kafka_conf_set_error_cb(kc, error_cb);
+	rd_kafka_conf_set_events(kc, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_ERROR);
 	/* Role warnings (a consumer property on the producer) are noise: kafka.properties
 	 * serves both, and typos are refused when the file is loaded. */
 	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
@@ -167,9 +214,12 @@ int producer_init(const struct conf *c, const char *brokers, producer_delivery_f
 		template = NULL;
 		return -1;
 	}
+	rk_queue = rd_kafka_queue_get_main(rk);
 	atomic_store(&poll_stop, false);
 	if (pthread_create(&poll_thread, NULL, poll_main, NULL) != 0) {
 		snprintf(errmsg, errsize, "cannot start the producer's poll thread");
+		rd_kafka_queue_destroy(rk_queue);
+		rk_queue = NULL;
 		rd_kafka_destroy(rk);
 		rk = NULL;
 		return -1;
@@ -265,7 +315,8 @@ void producer_batch_end(struct producer_batch *b)
 }
 
 /* The poll thread may swap rk and retire producers meanwhile: the main thread reads
- * rk under the lock and counts retired producers' records through their own polls. */
+ * rk under the lock and counts retired producers' records through their own polls.
+ * With delivery reports as events, rd_kafka_flush only waits: the poll thread serves. */
 int producer_flush(int timeout_ms)
 {
 	pthread_rwlock_rdlock(&rk_lock);
@@ -292,10 +343,12 @@ void producer_shutdown(void)
 	pthread_join(poll_thread, NULL);
 	for (int i = 0; i < n_retired; i++) {
 		rd_kafka_purge(retired[i], RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-		rd_kafka_flush(retired[i], 1000);
+		serve_until_empty(retired[i], 1000);
 		rd_kafka_destroy(retired[i]);
 	}
 	n_retired = 0;
+	rd_kafka_queue_destroy(rk_queue);
+	rk_queue = NULL;
 	rd_kafka_destroy(rk);
 	rk = NULL;
 	rd_kafka_conf_destroy(template);

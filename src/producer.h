@@ -12,9 +12,10 @@
 #include "codec.h"
 #include "conf.h"
 
-/* Called on the poll thread for every delivery report; msg->_private is the opaque given to
- * producer_send. */
-typedef void producer_delivery_fn(const rd_kafka_message_t *msg);
+/* Called on the poll thread with delivery reports, n at a time (those of one produce
+ * response, so runs of one caller's records are common); each msg->_private is the opaque
+ * given to producer_send. */
+typedef void producer_delivery_fn(const rd_kafka_message_t **msgs, size_t n);
 /* Called on the poll thread after delivery reports were served while someone waits for
  * room in the producer's queue (see producer_want_room). */
 typedef void producer_room_fn(void);

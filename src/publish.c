@@ -12,8 +12,9 @@
  * Threads and locks:
  *   - registry_lock guards the list of live calls (drain walks it); taken before a call's lock.
  *   - pc->lock guards everything in a pub_call and its requests.
- *   - Records are handed to librdkafka without holding pc->lock: producer_send may serve
- *     delivery reports itself when the queue is full, and those take pc->lock.
+ *   - Records are handed to librdkafka without holding pc->lock, so that the poll thread's
+ *     delivery reports (which take it once per run of a call's records) never wait for a
+ *     whole request to be produced.
  *   - Only one RECV_MESSAGE is outstanding per call, so only one thread at a time runs
  *     request processing for a call.
  *
@@ -452,7 +453,11 @@ static struct pub_call *call_new(struct incoming *in, enum pub_mode mode)
 	pc->mode = mode;
 	pc->call = in->call;
 	pc->md = in->md;
-	pthread_mutex_init(&pc->lock, NULL);
+	pthread_mutexattr_t ma;
+	pthread_mutexattr_init(&ma);
+	pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+	pthread_mutex_init(&pc->lock, &ma);
+	pthread_mutexattr_destroy(&ma);
 	pc->state = PUB_READING;
 	atomic_fetch_add(&n_active, 1);
 
@@ -881,17 +886,13 @@ static struct pub_range *range_for(struct pub_call *pc, const char *topic, int32
 	return r;
 }
 
-void publish_on_delivery(const rd_kafka_message_t *m)
+/* One delivery report: records m's fate in its request. Under pc->lock. */
+static void delivered(struct pub_call *pc, const rd_kafka_message_t *m)
 {
 	struct pub_req **slot = m->_private;
 	struct pub_req *req = *slot;
-	struct pub_call *pc = req->pc;
 	size_t index = slot - req->slot;
 
-	if (m->err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART || m->err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC ||
-	    m->err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION)
-		topics_invalidate(rd_kafka_topic_name(m->rkt));
-	pthread_mutex_lock(&pc->lock);
 	if (req->results) {
 		struct record_result *res = &req->results[index];
 		res->partition = m->partition;
@@ -919,8 +920,36 @@ void publish_on_delivery(const rd_kafka_message_t *m)
 		pc->records_ok++;
 	}
 	req_settle(pc, req, 1);
-	maybe_finish(pc);
-	unlock_maybe_free(pc);
+}
+
+/* The reports of one produce response usually come in runs of one call's records: the
+ * call's lock is taken once per run. A record's request (and so its call) is alive until
+ * its report is in, and a call is freed only once no request of it is left. */
+void publish_on_delivery(const rd_kafka_message_t **msgs, size_t n)
+{
+	struct pub_call *pc = NULL;
+
+	for (size_t i = 0; i < n; i++) {
+		const rd_kafka_message_t *m = msgs[i];
+		struct pub_req *req = *(struct pub_req **)m->_private;
+
+		if (m->err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART ||
+		    m->err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC || m->err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION)
+			topics_invalidate(rd_kafka_topic_name(m->rkt)); /* a leaf lock */
+		if (req->pc != pc) {
+			if (pc) {
+				maybe_finish(pc);
+				unlock_maybe_free(pc);
+			}
+			pc = req->pc;
+			pthread_mutex_lock(&pc->lock);
+		}
+		delivered(pc, m);
+	}
+	if (pc) {
+		maybe_finish(pc);
+		unlock_maybe_free(pc);
+	}
 }
 
 void publish_drain(void)

@@ -26,7 +26,7 @@ void publish_handle(struct incoming *in);
 void publish_handle_stream(struct incoming *in);
 void publish_handle_produce(struct incoming *in);
 /* Delivery-report callback for the producer (see producer_delivery_fn). */
-void publish_on_delivery(const rd_kafka_message_t *msg);
+void publish_on_delivery(const rd_kafka_message_t **msgs, size_t n);
 /* Room-callback for the producer (see producer_room_fn): resumes streams waiting for room
  * in the producer's queue or under publish.max_inflight_bytes_total. */
 void publish_on_room(void);
