@@ -51,7 +51,7 @@ static grpc_byte_buffer *cache_get(void)
 	grpc_byte_buffer *bb = NULL;
 
 	pthread_mutex_lock(&cache_lock);
-	if (cached && now_ms() - cached_at < TOPICS_TTL_MS)
+	if (cached && now_ms_coarse() - cached_at < TOPICS_TTL_MS)
 		bb = grpc_byte_buffer_copy(cached);
 	pthread_mutex_unlock(&cache_lock);
 	return bb;
@@ -98,7 +98,7 @@ static grpc_byte_buffer *fetch(rd_kafka_resp_err_t *err)
 	if (cached)
 		grpc_byte_buffer_destroy(cached);
 	cached = grpc_byte_buffer_copy(bb);
-	cached_at = now_ms();
+	cached_at = now_ms_coarse();
 	pthread_mutex_unlock(&cache_lock);
 	return bb;
 }
@@ -127,7 +127,7 @@ int topics_partitions(const char *topic)
 
 	pthread_rwlock_rdlock(&table_lock);
 	struct topic_entry *e = find(topic, b);
-	if (e && e->expires_ms > now_ms())
+	if (e && e->expires_ms > now_ms_coarse())
 		partitions = e->partitions;
 	pthread_rwlock_unlock(&table_lock);
 	if (partitions >= 0)
@@ -157,7 +157,7 @@ int topics_partitions(const char *topic)
 		table[b] = e;
 	}
 	e->partitions = partitions;
-	e->expires_ms = now_ms() + (partitions ? TOPIC_TTL_MS : MISSING_TOPIC_TTL_MS);
+	e->expires_ms = now_ms_coarse() + (partitions ? TOPIC_TTL_MS : MISSING_TOPIC_TTL_MS);
 	pthread_rwlock_unlock(&table_lock);
 	return partitions;
 }

@@ -19,6 +19,11 @@ char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Milliseconds on CLOCK_MONOTONIC. */
 int64_t now_ms(void);
+/* Milliseconds on CLOCK_MONOTONIC_COARSE: the last tick's time (a few ms behind
+ * now_ms), read without touching the hardware clock. For per-request paths that need only
+ * tick accuracy (expiry, heartbeats): clock_gettime(CLOCK_MONOTONIC) was 6% of kbridged's
+ * CPU at one record per request. */
+int64_t now_ms_coarse(void);
 /* Microseconds on CLOCK_MONOTONIC. */
 int64_t now_us(void);
 
