@@ -19,7 +19,10 @@ const char *embedded_init(int n, char *errmsg, size_t errsize)
 
 	/* This handle only hosts the cluster: its warning about having no brokers is noise. */
 	rd_kafka_conf_set_log_cb(kc, log_rdkafka_quiet);
-	if (rd_kafka_conf_set(kc, "client.id", "kbridged-embedded", errmsg, errsize) != RD_KAFKA_CONF_OK) {
+	/* The mock brokers' accepted connections take their socket options from this handle:
+	 * without Nagle, as a Kafka broker's. */
+	if (rd_kafka_conf_set(kc, "client.id", "kbridged-embedded", errmsg, errsize) != RD_KAFKA_CONF_OK ||
+	    rd_kafka_conf_set(kc, "socket.nagle.disable", "true", errmsg, errsize) != RD_KAFKA_CONF_OK) {
 		rd_kafka_conf_destroy(kc);
 		return NULL;
 	}
