@@ -75,6 +75,9 @@ static const struct {
 	{"message.timeout.ms", "set publish.delivery_timeout_ms instead"},
 	{"group.id", "consumer groups are chosen per subscription"},
 	{"enable.auto.commit", "kbridge commits offsets itself"},
+	{"enable.sasl.oauthbearer.unsecure.jwt",
+	 "kbridged takes its producer's events itself and so cannot run librdkafka's built-in "
+	 "unsecured token handler (meant for development only); use sasl.oauthbearer.method=oidc"},
 };
 
 const char *const *conf_setting_names(void)

@@ -74,6 +74,14 @@ static int serve(rd_kafka_t *k, rd_kafka_queue_t *q, int timeout_ms)
 		case RD_KAFKA_EVENT_ERROR:
 			on_error(k, ev);
 			break;
+		case RD_KAFKA_EVENT_OAUTHBEARER_TOKEN_REFRESH:
+			/* Only a token refresh callback asks for this, and kbridged sets none
+			 * (the built-in unsecured one is refused in kbridged.conf; OIDC
+			 * refreshes on librdkafka's background thread). */
+			log_error("kafka producer: librdkafka asks for an OAUTHBEARER token, which "
+				  "kbridged cannot provide; use sasl.oauthbearer.method=oidc");
+			rd_kafka_oauthbearer_set_token_failure(k, "kbridged provides no token refresh");
+			break;
 		default:
 			break;
 		}

@@ -137,6 +137,8 @@ int main(void)
 	bad("kafka = { properties = [ \"bootstrap.servers=x:1\" ]; };\n", 1, "kafka.properties",
 	    "kafka.brokers");
 	bad("kafka = { properties = [ \"linger.ms\" ]; };\n", 1, "kafka.properties", "name=value");
+	bad("kafka = { properties = [ \"enable.sasl.oauthbearer.unsecure.jwt=true\" ]; };\n", 1,
+	    "kafka.properties", "sasl.oauthbearer.method=oidc");
 	bad("kafka = { brokers = \"\"; };\n", 1, "kafka.brokers", "non-empty string");
 	bad("listen = [ ];\n", 1, "listen", "list of addresses");
 	bad("listen = [ \"localhost\" ];\n", 1, "listen", "host:port");
