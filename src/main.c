@@ -44,8 +44,8 @@ static void usage(FILE *f)
 		"See kbridged(8) and kbridged.conf(5).\n");
 }
 
-/* glibc gives a thread that finds the arenas busy a new one, up to 8 per CPU, and each
- * arena keeps its own freed memory: kbridged's ~20 threads (gRPC's, librdkafka's) used 16
+/* glibc gives every thread that allocates an arena of its own, up to 8 per CPU, and each
+ * arena keeps its own freed memory: kbridged's ~20 threads (gRPC's, librdkafka's) used 14-15
  * arenas on 2 CPUs, and RSS crept up for millions of records before levelling off (27.3 ->
  * 30.7 MiB from 1M to 10M records). One arena per completion-queue thread, the threads that
  * allocate per request, keeps it flat (25-26 MiB from 1M to 10M) for about 4% more CPU at

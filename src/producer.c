@@ -54,16 +54,14 @@ static void on_error(rd_kafka_t *k, rd_kafka_event_t *ev)
 }
 
 /* Serves k's events from q: waits up to timeout_ms for the first, then takes what is
- * there without waiting. Returns how many events were served. */
-static int serve(rd_kafka_t *k, rd_kafka_queue_t *q, int timeout_ms)
+ * there without waiting. */
+static void serve(rd_kafka_t *k, rd_kafka_queue_t *q, int timeout_ms)
 {
 	const rd_kafka_message_t *msgs[256];
 	rd_kafka_event_t *ev;
-	int served = 0;
 
 	while ((ev = rd_kafka_queue_poll(q, timeout_ms))) {
 		timeout_ms = 0;
-		served++;
 		switch (rd_kafka_event_type(ev)) {
 		case RD_KAFKA_EVENT_DR: {
 			size_t n;
@@ -87,7 +85,6 @@ static int serve(rd_kafka_t *k, rd_kafka_queue_t *q, int timeout_ms)
 		}
 		rd_kafka_event_destroy(ev);
 	}
-	return served;
 }
 
 /* Serves a producer that the poll thread no longer serves until its queue is empty or
