@@ -47,11 +47,11 @@ static void usage(FILE *f)
 /* glibc gives every thread that allocates an arena of its own, up to 8 per CPU, and each
  * arena keeps its own freed memory: kbridged's ~20 threads (gRPC's, librdkafka's) used 14-15
  * arenas on 2 CPUs, and RSS crept up for millions of records before levelling off (27.3 ->
- * 30.7 MiB from 1M to 10M records). One arena per completion-queue thread, the threads that
- * allocate per request, keeps it flat (25-26 MiB from 1M to 10M) for about 4% more CPU at
- * batch 100 and none measurable at one record per request; two per thread cost nothing
- * measurable but still crept (7-12%). MALLOC_ARENA_MAX or glibc.malloc.arena_max in the
- * environment wins. */
+ * 30.7 MiB from 1M to 10M records). As many arenas as `threads` (at least two), about one
+ * per completion-queue thread, the threads that allocate per request, keeps it flat (25-26
+ * MiB from 1M to 10M) for about 4% more CPU at batch 100 and none measurable at one record
+ * per request; two per thread cost nothing measurable but still crept (7-12%).
+ * MALLOC_ARENA_MAX or glibc.malloc.arena_max in the environment wins. */
 static void limit_malloc_arenas(const struct conf *c)
 {
 	const char *tunables = getenv("GLIBC_TUNABLES");

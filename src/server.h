@@ -1,8 +1,10 @@
-/* server: the gRPC core server, its completion queue and the threads that drive it.
+/* server: the gRPC core server, its completion queues and the threads that drive them.
  *
- * Threads and locks: the main thread calls server_init/start/shutdown_*; `threads`
- * completion-queue threads run every tag's done() callback. A tag's callback may run on
- * any of them, concurrently with others; modules lock their own call state. */
+ * Threads and locks: the main thread calls server_init/start/shutdown_*; completion-queue
+ * threads run every tag's done() callback: `threads` of them for Subscribe calls, half as
+ * many (at least one) for the other calls (server.c says why). A call's callbacks may
+ * run on any thread of its queue, concurrently with others; modules lock their own call
+ * state. */
 #ifndef KB_SERVER_H
 #define KB_SERVER_H
 
@@ -33,12 +35,11 @@ struct incoming {
 /* Creates the server and binds every listen address. Returns 0, or -1 after logging
  * which address could not be bound. */
 int server_init(const struct conf *c);
-/* How many completion-queue threads c asks for (threads = 0: one per CPU). */
+/* The `threads` of c (0: one per CPU): the threads serving subscriptions; publishing
+ * calls get half as many, at least one. */
 int server_thread_count(const struct conf *c);
 /* Starts serving: threads, one outstanding request per method. */
 void server_start(void);
-/* The completion queue every call's batches must use. */
-grpc_completion_queue *server_cq(void);
 /* True once the daemon began draining. */
 bool server_draining(void);
 /* Draining: ends the streams, answers new calls UNAVAILABLE, and once the calls running

@@ -6,7 +6,7 @@
 # - while they are connected the daemon's notify STATUS counts 1,000
 #   subscriptions and 1 shared reader, and its thread count (from /proc) stays
 #   under THREAD_BOUND. The bound: kbridged has about 30 threads with one
-#   subscriber (2 completion-queue threads, gRPC's own, the producer's
+#   subscriber (3 completion-queue threads on 2 CPUs, gRPC's own, the producer's
 #   librdkafka threads, and one reader = a librdkafka consumer with a thread
 #   per broker plus its own thread); 60 leaves room for a few catch-up readers
 #   and gRPC's thread pool, while one reader or thread per subscriber (1,000+)
