@@ -1,5 +1,6 @@
 /* null-sink: what the gRPC hop alone costs. A minimal server on the same gRPC core as
- * kbridged, with the same threading (one completion queue, one thread per CPU), that
+ * kbridged, with the same threading (a completion queue for Subscribe served by one thread
+ * per CPU, another for the publishing methods served by half as many), that
  * registers /kbridge.v1.Bridge/Publish and PublishStream, decodes every PublishRequest
  * with kbridged's decoder and throws it away. PublishStream acks each request at once with
  * a PublishAck shaped like kbridged's and encoded by the same code (one RecordResult per
@@ -12,12 +13,13 @@
  * SEND_MESSAGE outstanding, queued records going together in the next response, as in
  * kbridged; there is no Kafka round trip in between. The request's topics are ignored.
  *
- *   null-sink [-a ADDRESS] [-T THREADS]      (default unix:null-sink.sock, one per CPU)
+ *   null-sink [-a ADDRESS] [-T THREADS]      (default unix:null-sink.sock, one per CPU;
+ *                                            publishing calls get THREADS/2, at least 1)
  *
  * Logs "null-sink ready" on stderr once it serves; SIGTERM/SIGINT stop it.
  *
- * Threads and locks: the main thread sets up, waits for a signal and shuts down; THREADS
- * threads take completions from the one queue. A call's completions may run on two
+ * Threads and locks: the main thread sets up, waits for a signal and shuts down; the
+ * queues' threads take completions. A call's completions may run on two
  * threads at once (a receive and a send), so struct call.lock guards the call's fields.
  * Acks are written one at a time (one SEND_MESSAGE outstanding), with the write-buffer
  * hint while more acks are queued behind, never on the batch with initial metadata. */
@@ -76,7 +78,7 @@ struct call {
 };
 
 static grpc_server *server;
-static grpc_completion_queue *cq;
+static grpc_completion_queue *pub_cq, *sub_cq; /* as kbridged's server.c */
 static void *registered[N_METHODS];
 /* Subscribe calls getting records; taken before a call's lock. */
 static pthread_rwlock_t subs_lock = PTHREAD_RWLOCK_INITIALIZER;
@@ -100,6 +102,7 @@ static void start(struct call *c, const grpc_op *ops, size_t n, struct tag *tag)
 static void request_call(enum method m)
 {
 	struct call *c = xcalloc(1, sizeof(*c));
+	grpc_completion_queue *cq = m == M_SUBSCRIBE ? sub_cq : pub_cq;
 
 	c->method = m;
 	pthread_mutex_init(&c->lock, NULL);
@@ -384,6 +387,8 @@ static void on_event(struct tag *t, bool ok)
 
 static void *worker(void *arg)
 {
+	grpc_completion_queue *cq = arg;
+
 	for (;;) {
 		grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
 		if (ev.type == GRPC_QUEUE_SHUTDOWN)
@@ -425,8 +430,10 @@ int main(int argc, char **argv)
 			    .value.integer = 4194304}};
 	grpc_channel_args cargs = {1, args};
 	server = grpc_server_create(&cargs, NULL);
-	cq = grpc_completion_queue_create_for_next(NULL);
-	grpc_server_register_completion_queue(server, cq, NULL);
+	pub_cq = grpc_completion_queue_create_for_next(NULL);
+	sub_cq = grpc_completion_queue_create_for_next(NULL);
+	grpc_server_register_completion_queue(server, pub_cq, NULL);
+	grpc_server_register_completion_queue(server, sub_cq, NULL);
 	for (int m = 0; m < N_METHODS; m++)
 		registered[m] = grpc_server_register_method(server, method_paths[m], NULL,
 							    GRPC_SRM_PAYLOAD_NONE, 0);
@@ -440,22 +447,26 @@ int main(int argc, char **argv)
 	grpc_server_start(server);
 	for (int m = 0; m < N_METHODS; m++)
 		request_call(m);
-	pthread_t *tids = xcalloc((size_t)threads, sizeof(*tids));
-	for (long i = 0; i < threads; i++)
-		pthread_create(&tids[i], NULL, worker, NULL);
-	fprintf(stderr, "null-sink ready on %s with %ld threads\n", address, threads);
+	long pub_threads = threads / 2 < 1 ? 1 : threads / 2, n = threads + pub_threads;
+	pthread_t *tids = xcalloc((size_t)n, sizeof(*tids));
+	for (long i = 0; i < n; i++)
+		pthread_create(&tids[i], NULL, worker, i < pub_threads ? pub_cq : sub_cq);
+	fprintf(stderr, "null-sink ready on %s with %ld threads for publishing calls, %ld for Subscribe\n",
+		address, pub_threads, threads);
 
 	sigwait(&sigs, &sig);
 	atomic_store(&shutting_down, true);
-	grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
+	grpc_server_shutdown_and_notify(server, pub_cq, &shutdown_tag);
 	grpc_server_cancel_all_calls(server);
 	while (!atomic_load(&shutdown_done))
 		usleep(10000);
 	grpc_server_destroy(server);
-	grpc_completion_queue_shutdown(cq);
-	for (long i = 0; i < threads; i++)
+	grpc_completion_queue_shutdown(pub_cq);
+	grpc_completion_queue_shutdown(sub_cq);
+	for (long i = 0; i < n; i++)
 		pthread_join(tids[i], NULL);
-	grpc_completion_queue_destroy(cq);
+	grpc_completion_queue_destroy(pub_cq);
+	grpc_completion_queue_destroy(sub_cq);
 	free(tids);
 	grpc_shutdown();
 	return 0;
