@@ -1,6 +1,6 @@
 /* null-sink: what the gRPC hop alone costs. A minimal server on the same gRPC core as
- * kbridged, with the same threading (a completion queue for Subscribe served by one thread
- * per CPU, another for the publishing methods served by half as many), that
+ * kbridged, with the same threading (a non-polling completion queue for Subscribe served
+ * by one thread per CPU, another for the publishing methods served by half as many), that
  * registers /kbridge.v1.Bridge/Publish and PublishStream, decodes every PublishRequest
  * with kbridged's decoder and throws it away. PublishStream acks each request at once with
  * a PublishAck shaped like kbridged's and encoded by the same code (one RecordResult per
@@ -8,8 +8,9 @@
  * half-close with a PublishResponse counting the records. Nothing goes to Kafka.
  *
  * It also serves Subscribe as the floor of fan-out (R4): every open Subscribe call gets
- * every record published from then on, straight from the thread that decoded it, encoded
- * once (codec_encode_subscribe_record, as kbridged does) and queued per subscriber with one
+ * every record published from then on, encoded once by the thread that decoded it
+ * (codec_encode_subscribe_record, as kbridged does), sent by a fan-out thread (as
+ * kbridged's reader thread sends) and queued per subscriber with one
  * SEND_MESSAGE outstanding, queued records going together in the next response, as in
  * kbridged; there is no Kafka round trip in between. The request's topics are ignored.
  *
@@ -84,6 +85,14 @@ static void *registered[N_METHODS];
 static pthread_rwlock_t subs_lock = PTHREAD_RWLOCK_INITIALIZER;
 static struct call *subs;
 static atomic_uint_fast64_t fanout_offset;
+/* Encoded records for the fan-out thread, which sends them to every subscriber as
+ * kbridged's reader thread does (a publishing thread that sent to 1,000 subscribers itself
+ * left every other call waiting meanwhile). */
+static pthread_mutex_t fan_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t fan_cond = PTHREAD_COND_INITIALIZER;
+static grpc_slice *fan_q;
+static size_t fan_n, fan_cap;
+static bool fan_stop;
 static atomic_bool shutting_down;
 static atomic_bool shutdown_done;
 static struct tag shutdown_tag = {T_SHUTDOWN, NULL};
@@ -188,14 +197,61 @@ static void sub_send_next(struct call *c)
 	start(c, &op, 1, &c->t_send);
 }
 
-/* Every record of req to every subscriber. */
+/* One encoded record to every subscriber. On the fan-out thread. */
+static void fan_out_record(grpc_slice enc)
+{
+	pthread_rwlock_rdlock(&subs_lock);
+	for (struct call *s = subs; s; s = s->sub_next) {
+		pthread_mutex_lock(&s->lock);
+		if (s->n_queue == s->cap_queue) {
+			s->cap_queue = s->cap_queue ? 2 * s->cap_queue : 16;
+			s->queue = xrealloc(s->queue, s->cap_queue * sizeof(*s->queue));
+		}
+		s->queue[s->n_queue++] = grpc_slice_ref(enc);
+		sub_send_next(s);
+		pthread_mutex_unlock(&s->lock);
+	}
+	pthread_rwlock_unlock(&subs_lock);
+	grpc_slice_unref(enc);
+}
+
+static void *fan_main(void *arg)
+{
+	grpc_slice *mine = NULL;
+	size_t cap = 0;
+
+	for (;;) {
+		pthread_mutex_lock(&fan_lock);
+		while (fan_n == 0 && !fan_stop)
+			pthread_cond_wait(&fan_cond, &fan_lock);
+		if (fan_n == 0) { /* stopping, and nothing left */
+			pthread_mutex_unlock(&fan_lock);
+			break;
+		}
+		/* Take the whole queue: swap arrays. */
+		grpc_slice *q = fan_q;
+		size_t n = fan_n, qcap = fan_cap;
+		fan_q = mine;
+		fan_cap = cap;
+		fan_n = 0;
+		mine = q;
+		cap = qcap;
+		pthread_mutex_unlock(&fan_lock);
+		for (size_t i = 0; i < n; i++)
+			fan_out_record(mine[i]);
+	}
+	free(mine);
+	return NULL;
+}
+
+/* Every record of req to every subscriber: encoded here, sent by the fan-out thread. */
 static void fan_out(const Kbridge__V1__PublishRequest *req)
 {
 	pthread_rwlock_rdlock(&subs_lock);
-	if (!subs) {
-		pthread_rwlock_unlock(&subs_lock);
+	bool any = subs != NULL;
+	pthread_rwlock_unlock(&subs_lock);
+	if (!any)
 		return;
-	}
 	for (size_t i = 0; i < req->n_records; i++) {
 		const Kbridge__V1__Record *r = req->records[i];
 		struct record_fields f = {
@@ -207,19 +263,15 @@ static void fan_out(const Kbridge__V1__PublishRequest *req)
 			.value = r->value.data, .value_len = r->value.len,
 		};
 		grpc_slice enc = codec_encode_subscribe_record(&f);
-		for (struct call *s = subs; s; s = s->sub_next) {
-			pthread_mutex_lock(&s->lock);
-			if (s->n_queue == s->cap_queue) {
-				s->cap_queue = s->cap_queue ? 2 * s->cap_queue : 16;
-				s->queue = xrealloc(s->queue, s->cap_queue * sizeof(*s->queue));
-			}
-			s->queue[s->n_queue++] = grpc_slice_ref(enc);
-			sub_send_next(s);
-			pthread_mutex_unlock(&s->lock);
+		pthread_mutex_lock(&fan_lock);
+		if (fan_n == fan_cap) {
+			fan_cap = fan_cap ? 2 * fan_cap : 64;
+			fan_q = xrealloc(fan_q, fan_cap * sizeof(*fan_q));
 		}
-		grpc_slice_unref(enc);
+		fan_q[fan_n++] = enc;
+		pthread_cond_signal(&fan_cond);
+		pthread_mutex_unlock(&fan_lock);
 	}
-	pthread_rwlock_unlock(&subs_lock);
 }
 
 static void sub_unlist(struct call *c)
@@ -431,7 +483,8 @@ int main(int argc, char **argv)
 	grpc_channel_args cargs = {1, args};
 	server = grpc_server_create(&cargs, NULL);
 	pub_cq = grpc_completion_queue_create_for_next(NULL);
-	sub_cq = grpc_completion_queue_create_for_next(NULL);
+	grpc_completion_queue_attributes attr = {GRPC_CQ_CURRENT_VERSION, GRPC_CQ_NEXT, GRPC_CQ_NON_POLLING, NULL};
+	sub_cq = grpc_completion_queue_create(grpc_completion_queue_factory_lookup(&attr), &attr, NULL);
 	grpc_server_register_completion_queue(server, pub_cq, NULL);
 	grpc_server_register_completion_queue(server, sub_cq, NULL);
 	for (int m = 0; m < N_METHODS; m++)
@@ -451,12 +504,20 @@ int main(int argc, char **argv)
 	pthread_t *tids = xcalloc((size_t)n, sizeof(*tids));
 	for (long i = 0; i < n; i++)
 		pthread_create(&tids[i], NULL, worker, i < pub_threads ? pub_cq : sub_cq);
+	pthread_t fan_tid;
+	pthread_create(&fan_tid, NULL, fan_main, NULL);
 	fprintf(stderr, "null-sink ready on %s with %ld threads for publishing calls, %ld for Subscribe\n",
 		address, pub_threads, threads);
 
 	sigwait(&sigs, &sig);
 	atomic_store(&shutting_down, true);
 	grpc_server_shutdown_and_notify(server, pub_cq, &shutdown_tag);
+	pthread_mutex_lock(&fan_lock);
+	fan_stop = true;
+	pthread_cond_signal(&fan_cond);
+	pthread_mutex_unlock(&fan_lock);
+	pthread_join(fan_tid, NULL);
+	free(fan_q);
 	grpc_server_cancel_all_calls(server);
 	while (!atomic_load(&shutdown_done))
 		usleep(10000);
