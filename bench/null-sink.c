@@ -7,7 +7,7 @@
  * record); Publish answers the
  * half-close with a PublishResponse counting the records. Nothing goes to Kafka.
  *
- * It also serves Subscribe as the floor of fan-out (R4): every open Subscribe call gets
+ * It also serves Subscribe for R4's comparison: every open Subscribe call gets
  * every record published from then on, encoded once by the thread that decoded it
  * (codec_encode_subscribe_record, as kbridged does), sent by a fan-out thread (as
  * kbridged's reader thread sends) and queued per subscriber with one
@@ -264,6 +264,11 @@ static void fan_out(const Kbridge__V1__PublishRequest *req)
 		};
 		grpc_slice enc = codec_encode_subscribe_record(&f);
 		pthread_mutex_lock(&fan_lock);
+		if (fan_stop) { /* shutting down: nobody sends it */
+			pthread_mutex_unlock(&fan_lock);
+			grpc_slice_unref(enc);
+			continue;
+		}
 		if (fan_n == fan_cap) {
 			fan_cap = fan_cap ? 2 * fan_cap : 64;
 			fan_q = xrealloc(fan_q, fan_cap * sizeof(*fan_q));
@@ -517,7 +522,6 @@ int main(int argc, char **argv)
 	pthread_cond_signal(&fan_cond);
 	pthread_mutex_unlock(&fan_lock);
 	pthread_join(fan_tid, NULL);
-	free(fan_q);
 	grpc_server_cancel_all_calls(server);
 	while (!atomic_load(&shutdown_done))
 		usleep(10000);
@@ -528,6 +532,7 @@ int main(int argc, char **argv)
 		pthread_join(tids[i], NULL);
 	grpc_completion_queue_destroy(pub_cq);
 	grpc_completion_queue_destroy(sub_cq);
+	free(fan_q);
 	free(tids);
 	grpc_shutdown();
 	return 0;
