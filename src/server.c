@@ -306,17 +306,20 @@ int server_init(const struct conf *c)
 	return rc;
 }
 
+/* Calls requested ahead per method on queue q: as many as it has threads, at least two, so
+ * that one can be matched while the last is being handed over. */
+static int requests_ahead(const struct queue *q)
+{
+	return q->n_threads < 2 ? 2 : q->n_threads;
+}
+
 void server_start(void)
 {
 	grpc_server_start(server);
-	/* As many calls requested ahead per method as its queue has threads (at least
-	 * two), so that one can be matched while the last is being handed over. */
-	for (size_t i = 0; i < ARRAY_SIZE(methods); i++) {
-		int n = queues[methods[i].queue].n_threads;
-		for (int k = 0; k < (n < 2 ? 2 : n); k++)
+	for (size_t i = 0; i < ARRAY_SIZE(methods); i++)
+		for (int k = 0; k < requests_ahead(&queues[methods[i].queue]); k++)
 			request_arm(&methods[i]);
-	}
-	for (int k = 0; k < (queues[Q_PUBLISH].n_threads < 2 ? 2 : queues[Q_PUBLISH].n_threads); k++)
+	for (int k = 0; k < requests_ahead(&queues[Q_PUBLISH]); k++)
 		request_arm(NULL);
 	for (int i = 0; i < N_QUEUES; i++) {
 		struct queue *q = &queues[i];
