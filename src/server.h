@@ -38,7 +38,8 @@ int server_init(const struct conf *c);
 /* The `threads` of c (0: one per CPU): the threads serving subscriptions; publishing
  * calls get half as many, at least one. */
 int server_thread_count(const struct conf *c);
-/* Starts serving: threads, one outstanding request per method. */
+/* Starts serving: each queue's threads, and calls requested ahead for every method on its
+ * queue (as many as the queue has threads, at least two). */
 void server_start(void);
 /* True once the daemon began draining. */
 bool server_draining(void);
