@@ -5,7 +5,7 @@
  * records/s, MB/s and produce->delivery-report latency percentiles.
  *
  *   direct-produce -b BROKERS [-t TOPIC] [-n RECORDS] [-s SIZE] [--rate R] [-X NAME=VALUE]...
- *                  [--json]
+ *                  [--slow-log FILE [--slow-ms MS]] [--json]
  *
  * Values are not copied (like kbridged, which hands librdkafka the decoded request's bytes):
  * every record points at one shared buffer that outlives the producer.
@@ -32,6 +32,7 @@
 struct run {
 	rd_kafka_t *rk;
 	struct hist lat;
+	struct slowlog slow;
 	atomic_uint_least64_t delivered;
 	uint64_t failed;
 	int64_t t_last;
@@ -45,6 +46,7 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 	int64_t now = hist_now_ns();
 
 	hist_add(&r->lat, now - (int64_t)(intptr_t)m->_private);
+	slowlog_add(&r->slow, (int64_t)(intptr_t)m->_private, now - (int64_t)(intptr_t)m->_private);
 	if (m->err) {
 		if (!r->failed++)
 			snprintf(r->first_error, sizeof(r->first_error), "%s", rd_kafka_err2str(m->err));
@@ -66,10 +68,12 @@ static void __attribute__((noreturn)) usage(int status)
 {
 	fprintf(status ? stderr : stdout,
 		"Usage: direct-produce -b BROKERS [-t TOPIC] [-n RECORDS] [-s SIZE] [--rate R]\n"
-		"                      [-X NAME=VALUE]... [--json]\n"
+		"                      [-X NAME=VALUE]... [--slow-log FILE [--slow-ms MS]] [--json]\n"
 		"Produce RECORDS records of SIZE bytes (default 100000 x 100 B to topic bench) with\n"
 		"kbridged's producer settings, and report records/s, MB/s and produce->delivery\n"
-		"report latency. -X sets a librdkafka property (e.g. -X linger.ms=0).\n");
+		"report latency. -X sets a librdkafka property (e.g. -X linger.ms=0). --slow-log\n"
+		"writes \"START_NS LATENCY_NS\" (CLOCK_MONOTONIC) for every record that took MS\n"
+		"milliseconds or more (default 1; 0 logs all), as kbridge bench --slow-log does.\n");
 	exit(status);
 }
 
@@ -87,11 +91,13 @@ int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
 		{"rate", required_argument, NULL, 'r'}, {"json", no_argument, NULL, 'j'},
+		{"slow-log", required_argument, NULL, 'L'}, {"slow-ms", required_argument, NULL, 'M'},
 		{"help", no_argument, NULL, 'h'}, {0}};
 	const char *brokers = NULL, *topic = "bench";
 	uint64_t records = 100000;
 	size_t size = 100;
-	double rate = 0;
+	double rate = 0, slow_ms = 1;
+	const char *slow_log = NULL;
 	bool json = false;
 	rd_kafka_conf_t *kc = rd_kafka_conf_new();
 	struct run r = {0};
@@ -132,6 +138,12 @@ int main(int argc, char **argv)
 			set(kc, optarg, eq + 1);
 			break;
 		case 'j': json = true; break;
+		case 'L': slow_log = optarg; break;
+		case 'M':
+			slow_ms = strtod(optarg, &end);
+			if (*end || !(slow_ms >= 0))
+				usage(2);
+			break;
 		case 'h': usage(0);
 		default: usage(2);
 		}
@@ -142,6 +154,10 @@ int main(int argc, char **argv)
 	rd_kafka_conf_set_dr_msg_cb(kc, dr_cb);
 	rd_kafka_conf_set_opaque(kc, &r);
 	hist_init(&r.lat);
+	if (slow_log && slowlog_open(&r.slow, slow_log, (int64_t)(slow_ms * 1e6)) != 0) {
+		fprintf(stderr, "direct-produce: --slow-log %s: %s\n", slow_log, strerror(errno));
+		return 1;
+	}
 	r.rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, err, sizeof(err));
 	if (!r.rk) {
 		fprintf(stderr, "direct-produce: %s\n", err);
@@ -200,6 +216,8 @@ int main(int argc, char **argv)
 		       "\"elapsed_s\": %.6f, \"records_per_s\": %.1f, \"mb_per_s\": %.3f, ",
 		       records, size, rate, ok, r.failed, secs, rps, rps * size / 1e6);
 		hist_print_json(stdout, "latency_us", &r.lat);
+		if (slow_log)
+			printf(", \"slow_log\": {\"min_ms\": %g, \"lines\": %" PRIu64 "}", slow_ms, r.slow.lines);
 		puts("}");
 	} else {
 		printf("direct librdkafka %s: %" PRIu64 " records of %zu B", rd_kafka_version_str(),
@@ -211,6 +229,9 @@ int main(int argc, char **argv)
 		printf("latency produce->delivery report (%" PRIu64 " records): ", r.lat.count);
 		hist_print_text(stdout, &r.lat);
 		putchar('\n');
+		if (slow_log)
+			printf("slow log: %" PRIu64 " records of %g ms or more in %s\n", r.slow.lines, slow_ms,
+			       slow_log);
 	}
 	if (r.failed)
 		fprintf(stderr, "direct-produce: %" PRIu64 " records failed, the first: %s\n", r.failed,
@@ -218,5 +239,9 @@ int main(int argc, char **argv)
 	rd_kafka_destroy(r.rk);
 	hist_destroy(&r.lat);
 	free(value);
+	if (slowlog_close(&r.slow) != 0) {
+		fprintf(stderr, "direct-produce: --slow-log %s: %s\n", slow_log, strerror(errno));
+		return 1;
+	}
 	return r.failed ? 1 : 0;
 }

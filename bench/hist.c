@@ -110,6 +110,34 @@ void hist_print_text(FILE *f, const struct hist *h)
 	print_duration(f, "  max", h->max);
 }
 
+int slowlog_open(struct slowlog *s, const char *path, int64_t min_ns)
+{
+	s->min_ns = min_ns;
+	s->lines = 0;
+	s->f = fopen(path, "w");
+	return s->f ? 0 : -1;
+}
+
+void slowlog_add(struct slowlog *s, int64_t start_ns, int64_t latency_ns)
+{
+	if (!s->f || latency_ns < s->min_ns)
+		return;
+	fprintf(s->f, "%lld %lld\n", (long long)start_ns, (long long)latency_ns);
+	s->lines++;
+}
+
+int slowlog_close(struct slowlog *s)
+{
+	if (!s->f)
+		return 0;
+	int bad = ferror(s->f);
+	int rc = fclose(s->f);
+	s->f = NULL;
+	if (bad && rc == 0)
+		errno = EIO;
+	return bad || rc ? -1 : 0;
+}
+
 int64_t hist_now_ns(void)
 {
 	struct timespec ts;

@@ -32,6 +32,22 @@ void hist_print_json(FILE *f, const char *name, const struct hist *h);
 /* Prints "p50 X  p90 X  p99 X  p99.9 X  max X" with units chosen for the values. */
 void hist_print_text(FILE *f, const struct hist *h);
 
+/* A log of the slow samples: one line "START_NS LATENCY_NS" for every sample of at least
+ * min_ns, START_NS on CLOCK_MONOTONIC, so that bench/run can set them beside
+ * bench/vm-probe's slow spells. One writer. */
+struct slowlog {
+	FILE *f;
+	int64_t min_ns;
+	uint64_t lines;
+};
+
+/* Opens path for writing (truncates it); -1 with errno set when it cannot. */
+int slowlog_open(struct slowlog *s, const char *path, int64_t min_ns);
+/* Logs the sample when the log is open and latency_ns >= min_ns. */
+void slowlog_add(struct slowlog *s, int64_t start_ns, int64_t latency_ns);
+/* Closes the log (if open); -1 with errno set when a write failed. */
+int slowlog_close(struct slowlog *s);
+
 /* Nanoseconds on CLOCK_MONOTONIC: the same clock in every process of the machine. */
 int64_t hist_now_ns(void);
 /* Sleeps until hist_now_ns() reaches ns (to the clock's precision, not whole ms). */

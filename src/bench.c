@@ -95,6 +95,8 @@ struct opts {
 	double rate; /* records/s, 0 = as fast as possible */
 	unsigned subscribers, sub_channels, max_batch;
 	double sub_wait; /* s without progress before giving up on subscribers */
+	const char *slow_log; /* --slow-log FILE, or NULL */
+	double slow_ms;       /* what --slow-log logs: requests taking this long or longer */
 	bool json;
 };
 
@@ -191,6 +193,7 @@ struct bench {
 	unsigned live; /* streams not ended, or unary calls in flight */
 	char *filler;
 	struct hist lat;
+	struct slowlog slow; /* --slow-log */
 	bool first_error_printed;
 	pthread_mutex_t lock; /* the main thread and the pacer (--rate) */
 	bool finished;
@@ -223,16 +226,21 @@ static uint64_t parse_u64(const char *opt, const char *arg, uint64_t min, uint64
 	return v;
 }
 
-static double parse_positive(const char *opt, const char *arg)
+static double parse_double(const char *opt, const char *arg, bool zero_ok)
 {
 	char *end;
 	double v;
 
 	errno = 0;
 	v = strtod(arg, &end);
-	if (end == arg || *end || errno || !(v > 0) || v > 1e9)
-		usage_error("%s: '%s' is not a number above 0", opt, arg);
+	if (end == arg || *end || errno || !(zero_ok ? v >= 0 : v > 0) || v > 1e9)
+		usage_error("%s: '%s' is not a number %s 0", opt, arg, zero_ok ? "of at least" : "above");
 	return v;
+}
+
+static double parse_positive(const char *opt, const char *arg)
+{
+	return parse_double(opt, arg, false);
 }
 
 static void start_batch(grpc_call *call, const grpc_op *ops, size_t n, struct tag *tag)
@@ -381,6 +389,7 @@ static void account(struct bench *b, int64_t start_ns, uint64_t ok, uint64_t fai
 	int64_t now = hist_now_ns();
 
 	hist_add(&b->lat, now - start_ns);
+	slowlog_add(&b->slow, start_ns, now - start_ns);
 	b->acked_records += ok;
 	b->failed_records += failed;
 	b->done_requests++;
@@ -1014,6 +1023,9 @@ static void report_text(const struct bench *b, const struct subs *ss, double sec
 	hist_print_text(stdout, &b->lat);
 	putchar('\n');
 	printf("client CPU %.2f s (user + system, every thread of this process)\n", cpu_s);
+	if (o->slow_log)
+		printf("slow log: %" PRIu64 " requests of %g ms or more in %s\n", b->slow.lines, o->slow_ms,
+		       o->slow_log);
 	if (!ss)
 		return;
 	unsigned complete = 0;
@@ -1045,6 +1057,8 @@ static void report_json(const struct bench *b, const struct subs *ss, double sec
 	       rpc_names[o->rpc], o->streams, o->window, o->records, o->size, o->batch, o->rate,
 	       b->acked_records, b->failed_records, b->calls_failed, secs, rps, rps * o->size / 1e6, cpu_s);
 	hist_print_json(stdout, "latency_us", &b->lat);
+	if (o->slow_log)
+		printf(", \"slow_log\": {\"min_ms\": %g, \"lines\": %" PRIu64 "}", o->slow_ms, b->slow.lines);
 	if (ss) {
 		unsigned complete = 0;
 		uint64_t lo = UINT64_MAX, hi = 0, dup = 0;
@@ -1099,6 +1113,9 @@ static void usage(FILE *f)
 	      "      --max-batch N      max_batch of the subscriptions (default: the server's)\n"
 	      "      --sub-wait SECS    give up on subscribers after SECS without progress\n"
 	      "                         once publishing is done (default 10)\n"
+	      "      --slow-log FILE    write \"START_NS LATENCY_NS\" to FILE for every request\n"
+	      "                         that took --slow-ms or longer (CLOCK_MONOTONIC)\n"
+	      "      --slow-ms MS       the threshold of --slow-log (default 1; 0 logs all)\n"
 	      "      --json             print one JSON object instead of text\n"
 	      "  -h, --help             print this help and exit\n"
 	      "\n"
@@ -1110,7 +1127,8 @@ static void usage(FILE *f)
 
 enum {
 	OPT_RPC = 256, OPT_STREAMS, OPT_WINDOW, OPT_RECORDS, OPT_SIZE, OPT_BATCH, OPT_RATE,
-	OPT_SUBSCRIBERS, OPT_SUB_CHANNELS, OPT_MAX_BATCH, OPT_SUB_WAIT, OPT_JSON,
+	OPT_SUBSCRIBERS, OPT_SUB_CHANNELS, OPT_MAX_BATCH, OPT_SUB_WAIT, OPT_SLOW_LOG, OPT_SLOW_MS,
+	OPT_JSON,
 };
 
 static void parse_args(struct opts *o, int argc, char **argv)
@@ -1126,6 +1144,8 @@ static void parse_args(struct opts *o, int argc, char **argv)
 		{"sub-channels", required_argument, NULL, OPT_SUB_CHANNELS},
 		{"max-batch", required_argument, NULL, OPT_MAX_BATCH},
 		{"sub-wait", required_argument, NULL, OPT_SUB_WAIT},
+		{"slow-log", required_argument, NULL, OPT_SLOW_LOG},
+		{"slow-ms", required_argument, NULL, OPT_SLOW_MS},
 		{"json", no_argument, NULL, OPT_JSON}, {"help", no_argument, NULL, 'h'}, {0}};
 	int c;
 
@@ -1153,6 +1173,8 @@ static void parse_args(struct opts *o, int argc, char **argv)
 		case OPT_SUB_CHANNELS: o->sub_channels = parse_u64("--sub-channels", optarg, 1, 1000); break;
 		case OPT_MAX_BATCH: o->max_batch = parse_u64("--max-batch", optarg, 0, 100000); break;
 		case OPT_SUB_WAIT: o->sub_wait = parse_positive("--sub-wait", optarg); break;
+		case OPT_SLOW_LOG: o->slow_log = optarg; break;
+		case OPT_SLOW_MS: o->slow_ms = parse_double("--slow-ms", optarg, true); break;
 		case OPT_JSON: o->json = true; break;
 		case 'h': usage(stdout); exit(0);
 		default:
@@ -1182,7 +1204,7 @@ int bench_main(const char *address, int argc, char **argv)
 {
 	struct opts o = {.address = address, .topic = "bench", .rpc = RPC_STREAM, .streams = 1,
 			 .window = 64, .batch = 100, .size = 100, .records = 100000,
-			 .sub_channels = 4, .sub_wait = 10};
+			 .sub_channels = 4, .sub_wait = 10, .slow_ms = 1};
 	struct bench b = {.o = &o};
 	struct subs ss;
 	int rc = 0;
@@ -1194,6 +1216,10 @@ int bench_main(const char *address, int argc, char **argv)
 	b.filler = xmalloc(o.size ? o.size : 1);
 	memset(b.filler, 'x', o.size);
 	hist_init(&b.lat);
+	if (o.slow_log && slowlog_open(&b.slow, o.slow_log, (int64_t)(o.slow_ms * 1e6)) != 0) {
+		fprintf(stderr, "kbridge bench: --slow-log %s: %s\n", o.slow_log, strerror(errno));
+		return EXIT_FAILED;
+	}
 	grpc_init();
 	if (!bench_check_encoding(&b)) {
 		fputs("kbridge bench: bug: the hand-encoded PublishRequest does not decode\n", stderr);
@@ -1235,6 +1261,10 @@ int bench_main(const char *address, int argc, char **argv)
 		;
 	grpc_completion_queue_destroy(b.cq);
 	hist_destroy(&b.lat);
+	if (slowlog_close(&b.slow) != 0) {
+		fprintf(stderr, "kbridge bench: --slow-log %s: %s\n", o.slow_log, strerror(errno));
+		rc = EXIT_FAILED;
+	}
 	free(b.filler);
 	grpc_shutdown();
 	return rc;
