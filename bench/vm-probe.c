@@ -1,5 +1,5 @@
 /* vm-probe: does the machine itself run slow now and then? R3's tail on the 2-CPU
- * virtual machines kbridge is measured on comes in spells of some 10-70 ms in which every
+ * virtual machines kbridge is measured on comes in spells of some 10-80 ms in which every
  * thread of every process runs several times slower than usual; bench/run starts this
  * probe beside the R3 runs and sets their slow requests beside its spells
  * (bench/README.md, "What stands between the code and the targets").
