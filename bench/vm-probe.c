@@ -4,7 +4,7 @@
  * probe beside the R3 runs and sets their slow requests beside its spells
  * (bench/README.md, "What stands between the code and the targets").
  *
- *   vm-probe [-p PERIOD_MS] [-o FILE]
+ *   vm-probe [-p PERIOD_MS] [-o FILE] [-r SAMPLES]
  *
  * Every PERIOD_MS (default 5) milliseconds the probe runs a fixed loop, calibrated at start
  * to take about 20 µs, and times it on CLOCK_MONOTONIC. A run that took SLOW_FACTOR times
@@ -15,14 +15,19 @@
  *
  * It runs until SIGTERM or SIGINT, then writes to FILE (default: standard output):
  *   # vm-probe: period P ms, loop U us, N samples over S s, K slow, M spells covering X% of the time
+ *   span FIRST_START_NS LAST_END_NS
  *   spell START_NS END_NS SLOW_SAMPLES WORST_RATIO
  * A spell is a run of slow samples no more than SPELL_GAP periods apart; it lasts from the
  * first one's start to the last one's end, so it is shorter than the true spell by up to
  * a period at each end. START_NS and END_NS are CLOCK_MONOTONIC, like the --slow-log
- * files of kbridge bench and direct-produce. */
+ * files of kbridge bench and direct-produce.
+ *
+ * -r SAMPLES replays samples instead of measuring: lines "START_NS NS SWITCHED" (SWITCHED
+ * 0 or 1), taken PERIOD_MS apart; the test bench/vm-probe-test.sh feeds it known spells. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,13 +107,72 @@ static int by_ns(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Appends a sample to *s (n of *cap used), growing it. */
+static void add_sample(struct sample **s, size_t *n, size_t *cap, struct sample x)
+{
+	if (*n == *cap) {
+		*cap = *cap ? *cap * 2 : 4096;
+		*s = realloc(*s, *cap * sizeof(**s));
+		if (!*s)
+			abort();
+	}
+	(*s)[(*n)++] = x;
+}
+
+/* Samples every period_ns until SIGTERM or SIGINT. */
+static struct sample *measure(int64_t period_ns, size_t *n)
+{
+	uint32_t rounds = calibrate();
+	struct sample *s = NULL;
+	size_t cap = 0;
+	struct timespec nap = {period_ns / 1000000000, period_ns % 1000000000};
+
+	*n = 0;
+	while (!stop) {
+		if (nanosleep(&nap, NULL) != 0 && stop)
+			break;
+		long sw = switches();
+		int64_t t0 = hist_now_ns();
+		work(rounds);
+		int64_t t1 = hist_now_ns();
+		add_sample(&s, n, &cap, (struct sample){t0, t1 - t0 > INT32_MAX ? INT32_MAX : (int32_t)(t1 - t0),
+							 switches() != sw});
+	}
+	return s;
+}
+
+/* Reads samples ("START_NS NS SWITCHED" lines) from path; NULL with *n = 0 on error. */
+static struct sample *replay(const char *path, size_t *n)
+{
+	FILE *in = fopen(path, "r");
+	struct sample *s = NULL;
+	size_t cap = 0;
+	long long t, ns;
+	int sw;
+
+	*n = 0;
+	if (!in)
+		return NULL;
+	while (fscanf(in, "%lld %lld %d", &t, &ns, &sw) == 3)
+		add_sample(&s, n, &cap, (struct sample){t, ns > INT32_MAX ? INT32_MAX : (int32_t)ns, sw != 0});
+	bool bad = !feof(in);
+	fclose(in);
+	if (bad) {
+		free(s);
+		*n = 0;
+		return NULL;
+	}
+	return s;
+}
+
 static void __attribute__((noreturn)) usage(int status)
 {
 	fprintf(status ? stderr : stdout,
-		"Usage: vm-probe [-p PERIOD_MS] [-o FILE]\n"
+		"Usage: vm-probe [-p PERIOD_MS] [-o FILE] [-r SAMPLES]\n"
 		"Time a ~20 us loop every PERIOD_MS (default 5) until SIGTERM or SIGINT, then write\n"
 		"the spells in which it ran %d times slower than usual or worse without being\n"
-		"switched out (the machine itself running slow) to FILE (default: standard output).\n",
+		"switched out (the machine itself running slow) to FILE (default: standard output).\n"
+		"-r replays SAMPLES (lines \"START_NS NS SWITCHED\") instead of measuring.\n",
 		SLOW_FACTOR);
 	exit(status);
 }
@@ -116,10 +180,10 @@ static void __attribute__((noreturn)) usage(int status)
 int main(int argc, char **argv)
 {
 	double period_ms = 5;
-	const char *out = NULL;
+	const char *out = NULL, *samples = NULL;
 	int c;
 
-	while ((c = getopt(argc, argv, "p:o:h")) != -1) {
+	while ((c = getopt(argc, argv, "p:o:r:h")) != -1) {
 		char *end;
 		switch (c) {
 		case 'p':
@@ -128,6 +192,7 @@ int main(int argc, char **argv)
 				usage(2);
 			break;
 		case 'o': out = optarg; break;
+		case 'r': samples = optarg; break;
 		case 'h': usage(0);
 		default: usage(2);
 		}
@@ -145,30 +210,19 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 
-	uint32_t rounds = calibrate();
-	size_t n = 0, cap = 4096;
-	struct sample *s = malloc(cap * sizeof(*s));
-	if (!s)
-		abort();
 	int64_t period_ns = (int64_t)(period_ms * 1e6);
-	struct timespec nap = {period_ns / 1000000000, period_ns % 1000000000};
-	while (!stop) {
-		if (nanosleep(&nap, NULL) != 0 && stop)
-			break;
-		if (n == cap) {
-			cap *= 2;
-			s = realloc(s, cap * sizeof(*s));
-			if (!s)
-				abort();
+	size_t n;
+	struct sample *s;
+	if (samples) {
+		errno = 0;
+		s = replay(samples, &n);
+		if (!s) {
+			fprintf(stderr, "vm-probe: %s: %s\n", samples,
+				errno ? strerror(errno) : "not lines of \"START_NS NS SWITCHED\"");
+			return 1;
 		}
-		long sw = switches();
-		int64_t t0 = hist_now_ns();
-		work(rounds);
-		int64_t t1 = hist_now_ns();
-		s[n].start_ns = t0;
-		s[n].ns = t1 - t0 > INT32_MAX ? INT32_MAX : (int32_t)(t1 - t0);
-		s[n].switched = switches() != sw;
-		n++;
+	} else {
+		s = measure(period_ns, &n);
 	}
 
 	/* The usual time: the median of the undisturbed samples. */
@@ -216,6 +270,9 @@ int main(int argc, char **argv)
 		"# vm-probe: period %g ms, loop %.1f us, %zu samples over %.1f s, %zu slow, %zu spells "
 		"covering %.2f%% of the time\n",
 		period_ms, usual / 1e3, n, span / 1e9, slow, spells, span > 0 ? 100.0 * covered / span : 0.0);
+	if (n)
+		fprintf(f, "span %lld %lld\n", (long long)s[0].start_ns,
+			(long long)(s[n - 1].start_ns + s[n - 1].ns));
 	for (size_t i = 0; i < spells; i++)
 		fprintf(f, "spell %lld %lld %zu %.1f\n", (long long)sp[i].start, (long long)sp[i].end,
 			sp[i].samples, sp[i].worst);
