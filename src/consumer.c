@@ -50,6 +50,9 @@ struct csub {
 	int64_t start_ts;
 	char *group;          /* consumer group, or NULL */
 	rd_kafka_t *group_rk; /* the group member while it reads (guarded by lock) */
+	uint64_t commit_seq;  /* the sink's last list handed to Kafka (guarded by lock) */
+	unsigned revokes;     /* partitions taken away so far (the group thread's own) */
+	bool unassigned;      /* revoked, not yet given partitions again (the group thread's own) */
 	size_t n_positions;
 	struct {
 		char *topic;
@@ -689,13 +692,21 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic
 			at->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
 		cs->sink->assign(cs->arg, at);
 		rd_kafka_assign(rk, at);
+		cs->unassigned = false;
 		rd_kafka_topic_partition_list_destroy(at);
 		return;
 	}
 	/* Revoked (or lost): commit exactly what the client was sent, so that the next
-	 * owner starts after it and this stream never sees a record twice. */
+	 * owner starts after it and this stream never sees a record twice. No list the
+	 * sink made before this one may be committed after it. */
+	cs->revokes++;
+	cs->unassigned = true;
 	rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_copy(parts);
-	cs->sink->revoke(cs->arg, offsets);
+	uint64_t seq = cs->sink->revoke(cs->arg, offsets);
+	pthread_mutex_lock(&cs->lock);
+	if (seq > cs->commit_seq)
+		cs->commit_seq = seq;
+	pthread_mutex_unlock(&cs->lock);
 	rd_kafka_topic_partition_list_t *commit = rd_kafka_topic_partition_list_new(offsets->cnt);
 	for (int i = 0; i < offsets->cnt; i++)
 		if (offsets->elems[i].offset >= 0)
@@ -740,10 +751,21 @@ static void *group_main(void *arg)
 		size_t k = 0;
 		/* Gather what is there now, one wait at most. */
 		for (int timeout = 200; k < FETCH_MAX; timeout = 0) {
+			unsigned revokes = cs->revokes;
 			rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, timeout);
+			/* The poll ran the rebalance callback: what was gathered before it is
+			 * of partitions this member no longer has (their next owner starts
+			 * after what was sent; if they come back, so does this member). */
+			if (revokes != cs->revokes)
+				while (k > 0)
+					rec_release(recs[--k]);
 			if (!m)
 				break;
-			if (m->err)
+			if (cs->unassigned) {
+				/* librdkafka stops the old partitions' fetchers only once it
+				 * has handled the unassign, so a few of their records can still
+				 * come after the revoke: they are their next owner's. */
+			} else if (m->err)
 				log_warn("group %s: %s", cs->group, rd_kafka_message_errstr(m));
 			else
 				recs[k++] = rec_from(m);
@@ -767,10 +789,13 @@ static void *group_main(void *arg)
 	return NULL;
 }
 
-void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets)
+void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets, uint64_t seq)
 {
 	pthread_mutex_lock(&cs->lock);
-	if (cs->group_rk) {
+	/* Under the lock, in the sink's order: Kafka keeps the last offsets committed, not
+	 * the highest, so an older list committed late would move the group back. */
+	if (cs->group_rk && seq > cs->commit_seq) {
+		cs->commit_seq = seq;
 		rd_kafka_resp_err_t err = rd_kafka_commit(cs->group_rk, offsets, 1);
 		if (err)
 			log_debug("group %s: commit: %s", cs->group, rd_kafka_err2str(err));

@@ -75,8 +75,9 @@ struct reader_sink {
 	/* Consumer groups: Kafka takes parts away from this member. The sink drops the
 	 * records of those partitions it has not sent, waits (briefly) for a send in flight,
 	 * and sets each element's offset to the next offset after what it sent (or
-	 * RD_KAFKA_OFFSET_INVALID), which is then committed before the partitions go. */
-	void (*revoke)(void *arg, rd_kafka_topic_partition_list_t *parts);
+	 * RD_KAFKA_OFFSET_INVALID), which is then committed before the partitions go.
+	 * Returns the list's number in the sink's commit order (see consumer_commit). */
+	uint64_t (*revoke)(void *arg, rd_kafka_topic_partition_list_t *parts);
 	/* Consumer groups: Kafka gives parts to this member. The sink sets an element's
 	 * offset where it already sent records of that partition (it had it before: start
 	 * after them, whatever the group committed) and leaves RD_KAFKA_OFFSET_INVALID
@@ -96,8 +97,11 @@ void consumer_init(const struct conf *c, const char *brokers);
 struct csub *consumer_subscribe(const Kbridge__V1__SubscribeRequest *req, const struct reader_sink *sink,
 				void *arg);
 /* Consumer groups: commits offsets (next offsets after records the client was sent).
- * No-op for other subscriptions, or once reading ended. Any thread, no sink lock held. */
-void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets);
+ * The sink numbers its lists (revoke's too) in the order it makes them, from 1; a list
+ * that arrives after a later one is skipped, so that two threads racing to commit never
+ * move the group's offsets back. No-op for other subscriptions, or once reading ended.
+ * Any thread, no sink lock held. */
+void consumer_commit(struct csub *cs, const rd_kafka_topic_partition_list_t *offsets, uint64_t seq);
 /* The subscriber has room again. */
 void consumer_wake(struct csub *cs);
 /* Ends the subscription's reading; the owner calls it exactly once, whatever happened,

@@ -67,6 +67,8 @@ struct sub_call {
 
 	bool group;               /* a consumer group member: commits after sends */
 	rd_kafka_topic_partition_list_t *commit; /* to commit after unlocking */
+	uint64_t commit_no;       /* its number: the lists are numbered in order (commit_seq) */
+	uint64_t commit_seq;      /* lists made so far, sends' and revokes' */
 	pthread_cond_t send_cond; /* signalled when a send completes (group revokes wait) */
 	struct sub_topic *topics; /* set when started */
 	size_t n_topics;
@@ -95,7 +97,7 @@ static void status_done(struct tag *t, bool ok);
 static void on_started(void *arg, grpc_status_code code, const char *msg, const struct start_info *info);
 static size_t on_deliver(void *arg, struct rec **recs, size_t n);
 static void on_failed(void *arg, grpc_status_code code, const char *msg);
-static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts);
+static uint64_t on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts);
 static void on_assign(void *arg, rd_kafka_topic_partition_list_t *parts);
 static void on_stopped(void *arg);
 
@@ -348,6 +350,7 @@ static void unlock_and_notify(struct sub_call *sc, bool unref)
 {
 	struct csub *unsub = NULL, *wake = wake_due(sc), *commit_cs = sc->cs;
 	rd_kafka_topic_partition_list_t *commit = sc->commit;
+	uint64_t commit_no = sc->commit_no;
 
 	sc->commit = NULL;
 	if (sc->unsubscribed)
@@ -365,7 +368,7 @@ static void unlock_and_notify(struct sub_call *sc, bool unref)
 	/* The consumer's reference (dropped in on_stopped) keeps sc alive through these. */
 	if (commit) {
 		if (commit->cnt && commit_cs)
-			consumer_commit(commit_cs, commit);
+			consumer_commit(commit_cs, commit, commit_no);
 		rd_kafka_topic_partition_list_destroy(commit);
 	}
 	if (wake)
@@ -576,7 +579,7 @@ static void on_failed(void *arg, grpc_status_code code, const char *msg)
 	unlock_and_notify(sc, false);
 }
 
-static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts)
+static uint64_t on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts)
 {
 	struct sub_call *sc = arg;
 	struct timespec until;
@@ -614,7 +617,9 @@ static void on_revoke(void *arg, rd_kafka_topic_partition_list_t *parts)
 				sc->topics[t].owned[p] = false; /* never commit it again */
 			}
 	}
+	uint64_t no = ++sc->commit_seq;
 	pthread_mutex_unlock(&sc->lock);
+	return no;
 }
 
 static void on_assign(void *arg, rd_kafka_topic_partition_list_t *parts)
@@ -660,8 +665,10 @@ static void send_done(struct tag *t, bool ok)
 		sent(sc, ok);
 		/* Records are committed only once handed to the client's stream: the
 		 * positions now, before the next batch moves them. */
-		if (ok && sc->group && !sc->commit)
+		if (ok && sc->group && !sc->commit) {
 			sc->commit = sent_offsets(sc);
+			sc->commit_no = ++sc->commit_seq;
+		}
 	}
 	if (!ok) /* the stream broke: the client is gone */
 		end(sc, GRPC_STATUS_CANCELLED, NULL);
