@@ -678,6 +678,27 @@ static void private_start(struct tsub *ts)
 
 /* --- consumer groups --- */
 
+/* Moves each offset of at that is set up to the group's committed offset, if that is
+ * further: another member delivered what lies between since this one had the partition. */
+static void not_before_committed(rd_kafka_t *rk, struct csub *cs, rd_kafka_topic_partition_list_t *at)
+{
+	rd_kafka_topic_partition_list_t *q = rd_kafka_topic_partition_list_new(at->cnt);
+	for (int i = 0; i < at->cnt; i++)
+		if (at->elems[i].offset >= 0)
+			rd_kafka_topic_partition_list_add(q, at->elems[i].topic, at->elems[i].partition);
+	rd_kafka_resp_err_t err = q->cnt ? rd_kafka_committed(rk, q, KAFKA_TIMEOUT_MS) : RD_KAFKA_RESP_ERR_NO_ERROR;
+	if (err)
+		log_warn("group %s: reading the committed offsets failed: %s (the partitions this member had "
+			 "before restart after what it was sent)", cs->group, rd_kafka_err2str(err));
+	for (int i = 0; !err && i < q->cnt; i++) {
+		rd_kafka_topic_partition_t *c = &q->elems[i];
+		rd_kafka_topic_partition_t *a = rd_kafka_topic_partition_list_find(at, c->topic, c->partition);
+		if (a && !c->err && c->offset > a->offset)
+			a->offset = c->offset;
+	}
+	rd_kafka_topic_partition_list_destroy(q);
+}
+
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts,
 			 void *opaque)
 {
@@ -685,12 +706,14 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic
 
 	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
 		log_debug("group %s member %p: %d partitions assigned", cs->group, cs->arg, parts->cnt);
-		/* A partition this stream had before restarts after what it was sent,
-		 * even if the commit made when it was taken away did not go through. */
+		/* A partition this stream had before restarts after what it was sent, even if
+		 * the commit made when it was taken away did not go through, but not before
+		 * what the group committed since. The others start at the committed offset. */
 		rd_kafka_topic_partition_list_t *at = rd_kafka_topic_partition_list_copy(parts);
 		for (int i = 0; i < at->cnt; i++)
 			at->elems[i].offset = RD_KAFKA_OFFSET_INVALID;
 		cs->sink->assign(cs->arg, at);
+		not_before_committed(rk, cs, at);
 		rd_kafka_assign(rk, at);
 		cs->unassigned = false;
 		rd_kafka_topic_partition_list_destroy(at);

@@ -80,8 +80,8 @@ struct reader_sink {
 	uint64_t (*revoke)(void *arg, rd_kafka_topic_partition_list_t *parts);
 	/* Consumer groups: Kafka gives parts to this member. The sink sets an element's
 	 * offset where it already sent records of that partition (it had it before: start
-	 * after them, whatever the group committed) and leaves RD_KAFKA_OFFSET_INVALID
-	 * elsewhere (start at the committed offset). */
+	 * after them, or at the group's committed offset if that is further) and leaves
+	 * RD_KAFKA_OFFSET_INVALID elsewhere (start at the committed offset). */
 	void (*assign)(void *arg, rd_kafka_topic_partition_list_t *parts);
 	/* Last call, after consumer_unsubscribe: nothing of this module refers to the
 	 * subscription any more. */

@@ -19,6 +19,10 @@
  *    second member joins and leaves, twice (4 revokes). Without the fix this check
  *    failed in 1 of 5 runs on the development machine (417 records; an earlier version
  *    of it, in 1 of 3 with 64); with it, nothing reaches the sink in that window.
+ * 3. A partition the member had before restarts after what it was sent, as the sink
+ *    says, but not before what the group committed since: another member delivered
+ *    that. The sink claims old positions; the first records after the rebalance must
+ *    come from the committed offsets.
  *
  * Usage: kbridge-group-member BROKERS TOPIC (a topic with 2 partitions or more). */
 #include "config.h"
@@ -54,6 +58,9 @@ static int assigns, revokes;
 static bool revoked;           /* a revoke came and no assignment since */
 static long delivered, late;   /* records delivered; of them, between a revoke and an assign */
 static uint64_t lists;         /* the sink's offset lists so far: revokes count too */
+static bool claim;             /* on assign, the sink says it sent up to claimed[] */
+static int64_t claimed[2];
+static int64_t first[2];       /* the first offset delivered since the last assign, or -1 */
 
 static void sleep_ms(long ms)
 {
@@ -107,6 +114,9 @@ static size_t on_deliver(void *arg, struct rec **recs, size_t n)
 	delivered += n;
 	if (revoked)
 		late += n;
+	for (size_t i = 0; i < n; i++)
+		if (recs[i]->partition >= 0 && recs[i]->partition < 2 && first[recs[i]->partition] < 0)
+			first[recs[i]->partition] = recs[i]->offset;
 	pthread_cond_broadcast(&cond);
 	pthread_mutex_unlock(&lock);
 	for (size_t i = 0; i < n; i++)
@@ -140,9 +150,12 @@ static void on_assign(void *arg, rd_kafka_topic_partition_list_t *parts)
 	pthread_mutex_lock(&lock);
 	assigns++;
 	revoked = false;
+	first[0] = first[1] = -1;
+	for (int i = 0; claim && i < parts->cnt; i++)
+		if (parts->elems[i].partition >= 0 && parts->elems[i].partition < 2)
+			parts->elems[i].offset = claimed[parts->elems[i].partition];
 	pthread_cond_broadcast(&cond);
 	pthread_mutex_unlock(&lock);
-	(void)parts;
 }
 
 static void on_stopped(void *arg)
@@ -162,7 +175,8 @@ static rd_kafka_t *client(rd_kafka_type_t type, const char *group)
 	rd_kafka_conf_t *kc = rd_kafka_conf_new();
 	if (rd_kafka_conf_set(kc, "bootstrap.servers", brokers, errmsg, sizeof(errmsg)) != RD_KAFKA_CONF_OK ||
 	    (group && rd_kafka_conf_set(kc, "group.id", group, errmsg, sizeof(errmsg)) != RD_KAFKA_CONF_OK) ||
-	    (group && rd_kafka_conf_set(kc, "session.timeout.ms", "3000", errmsg, sizeof(errmsg)) != RD_KAFKA_CONF_OK)) {
+	    (group && rd_kafka_conf_set(kc, "session.timeout.ms", "3000", errmsg, sizeof(errmsg)) != RD_KAFKA_CONF_OK) ||
+	    (group && rd_kafka_conf_set(kc, "enable.auto.commit", "false", errmsg, sizeof(errmsg)) != RD_KAFKA_CONF_OK)) {
 		fprintf(stderr, "%s\n", errmsg);
 		exit(2);
 	}
@@ -247,6 +261,21 @@ static void *second_main(void *arg)
 	return NULL;
 }
 
+/* A second member joins (a rebalance), then leaves as soon as the first has partitions
+ * again (another): the first's assignments go from n to n + 2. */
+static void join_and_leave(int n)
+{
+	pthread_t st;
+	rd_kafka_t *second = client(RD_KAFKA_CONSUMER, GROUP);
+	atomic_store(&second_on, true);
+	pthread_create(&st, NULL, second_main, second);
+	ok(wait_for(&assigns, n + 1), "a second member joined: the first has partitions again");
+	atomic_store(&second_on, false);
+	pthread_join(st, NULL);
+	rd_kafka_destroy(second);
+	ok(wait_for(&assigns, n + 2), "the second member left: the first has partitions again");
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 3) {
@@ -289,11 +318,10 @@ int main(int argc, char **argv)
 	ok(committed(reader, 1, 7) == 7, "list 4 (partition 1 at 7) is committed");
 	int64_t p0 = committed(reader, 0, 30);
 	ok(p0 == 30, "list 2, handed in after list 3, was skipped: partition 0 at %" PRId64 " (want 30)", p0);
-	rd_kafka_destroy(reader);
 
 	/* 2. Nothing read before a revoke is delivered after it. */
 	rd_kafka_t *producer = client(RD_KAFKA_PRODUCER, NULL);
-	pthread_t pt, st;
+	pthread_t pt;
 	pthread_create(&pt, NULL, produce_main, producer);
 	long before = 0;
 	for (int i = 0; i < 300 && before < 1000; i++) {
@@ -303,18 +331,8 @@ int main(int argc, char **argv)
 		pthread_mutex_unlock(&lock);
 	}
 	ok(before >= 1000, "records flow to the member (%ld)", before);
-	/* Twice: a second member joins (a rebalance), then leaves as soon as the first has
-	 * partitions again (another). */
-	for (int cycle = 0; cycle < 2; cycle++) {
-		rd_kafka_t *second = client(RD_KAFKA_CONSUMER, GROUP);
-		atomic_store(&second_on, true);
-		pthread_create(&st, NULL, second_main, second);
-		ok(wait_for(&assigns, 2 + 2 * cycle), "a second member joined: the first has partitions again");
-		atomic_store(&second_on, false);
-		pthread_join(st, NULL);
-		rd_kafka_destroy(second);
-		ok(wait_for(&assigns, 3 + 2 * cycle), "the second member left: the first has partitions again");
-	}
+	join_and_leave(1);
+	join_and_leave(3);
 	atomic_store(&producing, false);
 	pthread_join(pt, NULL);
 	rd_kafka_destroy(producer);
@@ -323,6 +341,40 @@ int main(int argc, char **argv)
 	   "%d revokes; records delivered between a revoke and the next assignment: %ld (of %ld)", revokes,
 	   late, delivered);
 	pthread_mutex_unlock(&lock);
+
+	/* 3. Not before what the group committed. The mock keeps a bounded log: the offsets
+	 * are taken near each partition's end. */
+	int64_t lo, hi[2] = {-1, -1}, want[2];
+	for (int p = 0; p < 2; p++)
+		if (rd_kafka_query_watermark_offsets(reader, topic, p, &lo, &hi[p], 5000))
+			hi[p] = -1;
+	ok(hi[0] >= 5000 && hi[1] >= 5000, "the partitions hold records (ends at %" PRId64 " and %" PRId64 ")",
+	   hi[0], hi[1]);
+	want[0] = hi[0] - 1000;
+	want[1] = hi[1] - 2000;
+	commit(cs, 0, want[0], 0);
+	commit(cs, 1, want[1], 0);
+	ok(committed(reader, 0, want[0]) == want[0] && committed(reader, 1, want[1]) == want[1],
+	   "the group committed partition 0 at %" PRId64 ", partition 1 at %" PRId64, want[0], want[1]);
+	pthread_mutex_lock(&lock);
+	claim = true; /* "I sent up to here before" */
+	claimed[0] = want[0] - 3000;
+	claimed[1] = want[1] - 2000;
+	pthread_mutex_unlock(&lock);
+	join_and_leave(5);
+	int64_t f0 = -1, f1 = -1;
+	for (int i = 0; i < 300 && (f0 < 0 || f1 < 0); i++) {
+		pthread_mutex_lock(&lock);
+		f0 = first[0], f1 = first[1];
+		pthread_mutex_unlock(&lock);
+		if (f0 < 0 || f1 < 0)
+			sleep_ms(100);
+	}
+	ok(f0 >= want[0] && f1 >= want[1],
+	   "claimed %" PRId64 " and %" PRId64 ", the group has %" PRId64 " and %" PRId64
+	   ": the first records came from %" PRId64 " and %" PRId64 " (not before the group's)",
+	   claimed[0], claimed[1], want[0], want[1], f0, f1);
+	rd_kafka_destroy(reader);
 
 	consumer_unsubscribe(cs);
 	ok(wait_flag(&stopped), "the subscription stopped");
