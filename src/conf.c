@@ -236,6 +236,14 @@ static void load_props(struct loader *ld, config_setting_t *s, const char *name,
 			free(pname);
 			continue;
 		}
+		/* librdkafka refuses the eager assign() a group member makes under the
+		 * cooperative protocol: the member would never read anything. */
+		if (strcmp(pname, "partition.assignment.strategy") == 0 && strstr(eq + 1, "cooperative")) {
+			conf_err(ld, e, name, "%s: cooperative-sticky is not supported: kbridge's group members "
+				 "use the eager protocol (range, roundrobin)", pname);
+			free(pname);
+			continue;
+		}
 		if (rd_kafka_conf_set(probe, pname, eq + 1, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK) {
 			conf_err(ld, e, name, "\"%s\": %s", v, errstr);
 			free(pname);

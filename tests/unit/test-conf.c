@@ -139,6 +139,13 @@ int main(void)
 	bad("kafka = { properties = [ \"linger.ms\" ]; };\n", 1, "kafka.properties", "name=value");
 	bad("kafka = { properties = [ \"enable.sasl.oauthbearer.unsecure.jwt=true\" ]; };\n", 1,
 	    "kafka.properties", "sasl.oauthbearer.method=oidc");
+	bad("kafka = { properties = [ \"partition.assignment.strategy=range,cooperative-sticky\" ]; };\n", 1,
+	    "kafka.properties", "eager protocol");
+	ok(load("kafka = { properties = [ \"partition.assignment.strategy=roundrobin\" ]; };\n", &c, &errs) == 0,
+	   "an eager assignment strategy is taken: %s", errs ? errs : "");
+	conf_free(&c);
+	free(errs);
+	errs = NULL;
 	bad("kafka = { brokers = \"\"; };\n", 1, "kafka.brokers", "non-empty string");
 	bad("listen = [ ];\n", 1, "listen", "list of addresses");
 	bad("listen = [ \"localhost\" ];\n", 1, "listen", "host:port");
