@@ -52,7 +52,7 @@ static char *topic;
 /* What the sink saw, under lock. */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
-static bool started, stopped;
+static int started, stopped; /* 0 or 1 */
 static grpc_status_code start_code = GRPC_STATUS_OK;
 static int assigns, revokes;
 static bool revoked;           /* a revoke came and no assignment since */
@@ -81,20 +81,6 @@ static bool wait_for(const int *v, int want)
 	return r;
 }
 
-/* Waits up to 30 s for *flag. */
-static bool wait_flag(const bool *flag)
-{
-	struct timespec until;
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += 30;
-	pthread_mutex_lock(&lock);
-	while (!*flag && pthread_cond_timedwait(&cond, &lock, &until) == 0)
-		;
-	bool r = *flag;
-	pthread_mutex_unlock(&lock);
-	return r;
-}
-
 static void on_started(void *arg, grpc_status_code code, const char *msg, const struct start_info *info)
 {
 	(void)arg, (void)info;
@@ -102,7 +88,7 @@ static void on_started(void *arg, grpc_status_code code, const char *msg, const 
 		fprintf(stderr, "the subscription did not start: %s\n", msg);
 	pthread_mutex_lock(&lock);
 	start_code = code;
-	started = true;
+	started = 1;
 	pthread_cond_broadcast(&cond);
 	pthread_mutex_unlock(&lock);
 }
@@ -162,7 +148,7 @@ static void on_stopped(void *arg)
 {
 	(void)arg;
 	pthread_mutex_lock(&lock);
-	stopped = true;
+	stopped = 1;
 	pthread_cond_broadcast(&cond);
 	pthread_mutex_unlock(&lock);
 }
@@ -301,7 +287,7 @@ int main(int argc, char **argv)
 	req.group = GROUP;
 	req.start = KBRIDGE__V1__SUBSCRIBE_REQUEST__START__LATEST;
 	struct csub *cs = consumer_subscribe(&req, &sink, NULL);
-	ok(wait_flag(&started) && start_code == GRPC_STATUS_OK, "the group member started");
+	ok(wait_for(&started, 1) && start_code == GRPC_STATUS_OK, "the group member started");
 	ok(wait_for(&assigns, 1), "Kafka assigned it partitions");
 
 	/* 1. The commit order. */
@@ -377,7 +363,7 @@ int main(int argc, char **argv)
 	rd_kafka_destroy(reader);
 
 	consumer_unsubscribe(cs);
-	ok(wait_flag(&stopped), "the subscription stopped");
+	ok(wait_for(&stopped, 1), "the subscription stopped");
 	consumer_shutdown();
 	conf_free(&c);
 	return tap_done();
